@@ -1,0 +1,181 @@
+"""The ``gpu-pipeline`` command: generate, run, query, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+
+from gpu_pipeline import __version__
+from gpu_pipeline.config import OPTION_NAMES, RunConfig, load_config, redact
+from gpu_pipeline.errors import ConfigError, PipelineError
+
+_RUN_HELP = {
+    "source": "synthetic (default), file:PATH (.ndjson[.gz] or .parquet) or kafka://HOST:PORT/TOPIC",
+    "sink": "chdb://PATH (embedded ClickHouse, default chdb://gpu_pipeline_data/clickhouse) or http(s)://USER:PASS@HOST:PORT",
+    "database": "ClickHouse database (default clickstream)",
+    "engine": "auto (GPU when usable), cpu or gpu",
+    "batch_size": "records per micro-batch (default 100000)",
+    "events": "synthetic source: number of records (default 1000000)",
+    "seed": "synthetic source: random seed (default 42)",
+    "threads": "CPU engine: OpenMP threads per kernel (default: all cores)",
+    "checkpoint_dir": "where job checkpoints live (default gpu_pipeline_data/checkpoints)",
+    "checkpoint_interval_ms": "time between checkpoints, e.g. 5s",
+    "fresh": "forget this job's checkpoint and start over (inserts stay idempotent)",
+    "progress": "progress display: auto (on a terminal), always, never",
+    "max_out_of_orderness_ms": "watermark delay D, e.g. 5s",
+    "allowed_lateness_ms": "allowed lateness L, e.g. 60s",
+    "dedup_ttl_ms": "how long event ids are remembered, e.g. 1h",
+    "session_gap_ms": "session inactivity gap G, e.g. 30min",
+    "group_id": "Kafka consumer group",
+    "until_idle": "Kafka: stop (and flush) once every partition is idle",
+    "idle_timeout_ms": "Kafka: how long without messages counts as idle, e.g. 5s",
+    "max_batch_bytes": "Kafka: bytes per micro-batch",
+    "max_batch_wait_ms": "Kafka: longest wait to fill a micro-batch, e.g. 500ms",
+}
+_BOOLEAN = {"fresh", "until_idle"}
+_FLAG_NAMES = {
+    "max_out_of_orderness_ms": "--max-out-of-orderness",
+    "allowed_lateness_ms": "--allowed-lateness",
+    "dedup_ttl_ms": "--dedup-ttl",
+    "session_gap_ms": "--session-gap",
+    "checkpoint_interval_ms": "--checkpoint-interval",
+    "idle_timeout_ms": "--idle-timeout",
+    "max_batch_wait_ms": "--max-batch-wait",
+}
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    for name in OPTION_NAMES:
+        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        if name in _BOOLEAN:
+            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=_RUN_HELP[name])
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=_RUN_HELP[name])
+    parser.add_argument("--config", dest="config_file", default=None, help="TOML config file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="gpu-pipeline",
+        description="Clickstream analytics: Kafka/files -> dedup, sessions, windows on GPU or CPU -> ClickHouse.",
+    )
+    parser.add_argument("--version", action="version", version=f"gpu-pipeline {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="write the synthetic clickstream (NDJSON, Parquet or Kafka)")
+    gen.add_argument("--events", default="1000000", help="number of records")
+    gen.add_argument("--seed", default="42", help="random seed")
+    gen.add_argument("--out", required=True, help="FILE (.ndjson, .ndjson.gz, .parquet) or kafka://HOST:PORT/TOPIC")
+    gen.add_argument("--rate", default=None, help="Kafka: events per second (default: as fast as possible)")
+    gen.add_argument("--partitions", default=None, help="Kafka: partitions when creating the topic")
+
+    run = sub.add_parser("run", help="run the pipeline")
+    _add_run_options(run)
+
+    query = sub.add_parser("query", help="run SQL on the sink and print the result")
+    query.add_argument("sql", help="the SQL statement")
+    query.add_argument("--sink", default=None, help=_RUN_HELP["sink"])
+    query.add_argument("--database", default=None, help=_RUN_HELP["database"])
+    query.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    query.add_argument("--config", dest="config_file", default=None, help="TOML config file")
+
+    doctor = sub.add_parser("doctor", help="check what is usable here")
+    doctor.add_argument("--sink", default=None, help=_RUN_HELP["sink"])
+    doctor.add_argument("--database", default=None, help=_RUN_HELP["database"])
+    doctor.add_argument("--kafka", default=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+                        help="Kafka bootstrap HOST:PORT to probe")
+    doctor.add_argument("--config", dest="config_file", default=None, help="TOML config file")
+    return parser
+
+
+def _options(args: argparse.Namespace, names: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def cmd_generate(args: argparse.Namespace, console: Console) -> int:
+    from gpu_pipeline.cli_generate import generate  # noqa: PLC0415
+
+    return generate(args, console)
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from gpu_pipeline.runtime.pipeline import Pipeline  # noqa: PLC0415
+    from gpu_pipeline.runtime.metrics import summary_table  # noqa: PLC0415
+
+    config = load_config(_options(args, OPTION_NAMES), config_file=args.config_file)
+    pipeline = Pipeline(config)
+    err = Console(stderr=True)
+    err.print(pipeline.engine_message)
+    err.print(f"source: {redact(config.source)}   sink: {pipeline.describe_sink()}   job: {pipeline.job_id}")
+    pipeline.install_signal_handlers()
+    try:
+        result = pipeline.run()
+    finally:
+        pipeline.close()
+    if result.already_complete:
+        err.print("this job already ran to completion; nothing to do (use --fresh to run it again)")
+    elif result.stopped:
+        err.print("stopped: the last batch is checkpointed; run the same command to resume")
+    console.print(summary_table(result.metrics, f"gpu-pipeline run ({result.engine} engine)"))
+    console.print(f'explore: gpu-pipeline query "SELECT * FROM {config.database}.traffic_1m_total LIMIT 10"', style="dim")
+    return 0
+
+
+def _sink_config(args: argparse.Namespace) -> RunConfig:
+    return load_config(_options(args, ["sink", "database"]), config_file=args.config_file)
+
+
+def cmd_query(args: argparse.Namespace, console: Console) -> int:
+    from gpu_pipeline.display import render_table, write_csv, write_json  # noqa: PLC0415
+    from gpu_pipeline.sinks.base import open_sink  # noqa: PLC0415
+
+    config = _sink_config(args)
+    sink = open_sink(config.sink, config.database)
+    try:
+        sink.open()
+        start = time.perf_counter()
+        table = sink.query(args.sql)
+        elapsed = time.perf_counter() - start
+    finally:
+        sink.close()
+    if args.format == "csv":
+        write_csv(table)
+    elif args.format == "json":
+        write_json(table)
+    else:
+        render_table(table, console)
+        console.print(f"{elapsed * 1000:.1f} ms", style="dim")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
+    from gpu_pipeline.doctor import run_doctor  # noqa: PLC0415
+
+    config = _sink_config(args)
+    return run_doctor(config.sink, config.database, args.kafka, console)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gpu-pipeline`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console()
+    commands = {"generate": cmd_generate, "run": cmd_run, "query": cmd_query, "doctor": cmd_doctor}
+    try:
+        return commands[args.command](args, console)
+    except ConfigError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        return 2
+    except PipelineError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

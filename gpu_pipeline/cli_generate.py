@@ -1,0 +1,63 @@
+"""``gpu-pipeline generate``: the synthetic clickstream to a file or a Kafka topic."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from gpu_pipeline.config import _non_negative_int, _positive_int
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=not console.is_terminal,
+    )
+
+
+def generate(args: argparse.Namespace, console: Console) -> int:
+    """Write ``--events`` records of seed ``--seed`` to ``--out``."""
+    events = _non_negative_int("events", args.events)
+    seed = _non_negative_int("seed", args.seed)
+    out: str = args.out
+    err = Console(stderr=True)
+    start = time.perf_counter()
+    if out.startswith("kafka://"):
+        from gpu_pipeline.sources.kafka_producer import produce_synthetic  # noqa: PLC0415
+
+        rate = _positive_int("rate", args.rate) if args.rate is not None else None
+        partitions = _positive_int("partitions", args.partitions) if args.partitions else None
+        with _progress(err) as bar:
+            task = bar.add_task("generate", total=events)
+            produce_synthetic(out, events, seed, rate=rate, partitions=partitions,
+                              progress=lambda n: bar.update(task, completed=n))
+    elif out.endswith(".parquet"):
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        from gpu_pipeline.sources.synthetic import generate_arrow  # noqa: PLC0415
+
+        writer = None
+        written = 0
+        with _progress(err) as bar:
+            task = bar.add_task("generate", total=events)
+            for batch in generate_arrow(events, seed):
+                if writer is None:
+                    writer = pq.ParquetWriter(out, batch.schema)
+                writer.write_batch(batch)
+                written += batch.num_rows
+                bar.update(task, completed=written)
+        if writer is not None:
+            writer.close()
+    else:
+        from gpu_pipeline.sources.synthetic import write_ndjson  # noqa: PLC0415
+
+        with _progress(err) as bar:
+            task = bar.add_task("generate", total=events)
+            write_ndjson(out, events, seed, progress=lambda n: bar.update(task, completed=n))
+    elapsed = time.perf_counter() - start
+    rate_text = f"{events / elapsed:,.0f} records/s" if elapsed > 0 else ""
+    err.print(f"wrote {events:,} records (seed {seed}) to {out} in {elapsed:.2f} s ({rate_text})")
+    return 0
