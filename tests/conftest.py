@@ -46,3 +46,23 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 def cpu_backend() -> Backend:
     """The CPU engine, the oracle of parity tests."""
     return _make_backend("cpu")
+
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "tsan", deadline=None, max_examples=15, suppress_health_check=list(HealthCheck)
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """The Kafka broker of this session: $KAFKA_BOOTSTRAP, or one started here and stopped at exit."""
+    from tests.kafka_broker import broker_bootstrap, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason and not os.environ.get("CI"):
+        pytest.skip(f"no Kafka broker: {reason}")
+    return broker_bootstrap()
