@@ -53,7 +53,14 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     for name in OPTION_NAMES:
         flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         if name in _BOOLEAN:
-            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=_RUN_HELP[name])
+            parser.add_argument(
+                flag,
+                dest=name,
+                action="store_const",
+                const=True,
+                default=None,
+                help=_RUN_HELP[name],
+            )
         else:
             parser.add_argument(flag, dest=name, default=None, help=_RUN_HELP[name])
     parser.add_argument("--config", dest="config_file", default=None, help="TOML config file")
@@ -63,16 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="gpu-pipeline",
-        description="Clickstream analytics: Kafka/files -> dedup, sessions, windows on GPU or CPU -> ClickHouse.",
+        description=(
+            "Clickstream analytics: Kafka/files -> dedup, sessions, windows "
+            "on GPU or CPU -> ClickHouse."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"gpu-pipeline {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="write the synthetic clickstream (NDJSON, Parquet or Kafka)")
+    gen = sub.add_parser(
+        "generate", help="write the synthetic clickstream (NDJSON, Parquet or Kafka)"
+    )
     gen.add_argument("--events", default="1000000", help="number of records")
     gen.add_argument("--seed", default="42", help="random seed")
-    gen.add_argument("--out", required=True, help="FILE (.ndjson, .ndjson.gz, .parquet) or kafka://HOST:PORT/TOPIC")
-    gen.add_argument("--rate", default=None, help="Kafka: events per second (default: as fast as possible)")
+    gen.add_argument(
+        "--out",
+        required=True,
+        help="FILE (.ndjson, .ndjson.gz, .parquet) or kafka://HOST:PORT/TOPIC",
+    )
+    gen.add_argument(
+        "--rate", default=None, help="Kafka: events per second (default: as fast as possible)"
+    )
     gen.add_argument("--partitions", default=None, help="Kafka: partitions when creating the topic")
 
     run = sub.add_parser("run", help="run the pipeline")
@@ -88,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check what is usable here")
     doctor.add_argument("--sink", default=None, help=_RUN_HELP["sink"])
     doctor.add_argument("--database", default=None, help=_RUN_HELP["database"])
-    doctor.add_argument("--kafka", default=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-                        help="Kafka bootstrap HOST:PORT to probe")
+    doctor.add_argument(
+        "--kafka",
+        default=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
+        help="Kafka bootstrap HOST:PORT to probe",
+    )
     doctor.add_argument("--config", dest="config_file", default=None, help="TOML config file")
     return parser
 
@@ -99,20 +120,23 @@ def _options(args: argparse.Namespace, names: tuple[str, ...] | list[str]) -> di
 
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> int:
-    from gpu_pipeline.cli_generate import generate  # noqa: PLC0415
+    from gpu_pipeline.cli_generate import generate
 
     return generate(args, console)
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from gpu_pipeline.runtime.pipeline import Pipeline  # noqa: PLC0415
-    from gpu_pipeline.runtime.metrics import summary_table  # noqa: PLC0415
+    from gpu_pipeline.runtime.metrics import summary_table
+    from gpu_pipeline.runtime.pipeline import Pipeline
 
     config = load_config(_options(args, OPTION_NAMES), config_file=args.config_file)
     pipeline = Pipeline(config)
     err = Console(stderr=True)
     err.print(pipeline.engine_message)
-    err.print(f"source: {redact(config.source)}   sink: {pipeline.describe_sink()}   job: {pipeline.job_id}")
+    err.print(
+        f"source: {redact(config.source)}   sink: {pipeline.describe_sink()}   "
+        f"job: {pipeline.job_id}"
+    )
     pipeline.install_signal_handlers()
     try:
         result = pipeline.run()
@@ -123,7 +147,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     elif result.stopped:
         err.print("stopped: the last batch is checkpointed; run the same command to resume")
     console.print(summary_table(result.metrics, f"gpu-pipeline run ({result.engine} engine)"))
-    console.print(f'explore: gpu-pipeline query "SELECT * FROM {config.database}.traffic_1m_total LIMIT 10"', style="dim")
+    console.print(
+        f'explore: gpu-pipeline query "SELECT * FROM {config.database}.traffic_1m_total LIMIT 10"',
+        style="dim",
+    )
     return 0
 
 
@@ -132,8 +159,8 @@ def _sink_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_query(args: argparse.Namespace, console: Console) -> int:
-    from gpu_pipeline.display import render_table, write_csv, write_json  # noqa: PLC0415
-    from gpu_pipeline.sinks.base import open_sink  # noqa: PLC0415
+    from gpu_pipeline.display import render_table, write_csv, write_json
+    from gpu_pipeline.sinks.base import open_sink
 
     config = _sink_config(args)
     sink = open_sink(config.sink, config.database)
@@ -155,7 +182,7 @@ def cmd_query(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace, console: Console) -> int:
-    from gpu_pipeline.doctor import run_doctor  # noqa: PLC0415
+    from gpu_pipeline.doctor import run_doctor
 
     config = _sink_config(args)
     return run_doctor(config.sink, config.database, args.kafka, console)

@@ -13,8 +13,12 @@ from gpu_pipeline.config import _non_negative_int, _positive_int
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=not console.is_terminal,
+        TextColumn("[bold]generate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
     )
 
 
@@ -26,18 +30,24 @@ def generate(args: argparse.Namespace, console: Console) -> int:
     err = Console(stderr=True)
     start = time.perf_counter()
     if out.startswith("kafka://"):
-        from gpu_pipeline.sources.kafka_producer import produce_synthetic  # noqa: PLC0415
+        from gpu_pipeline.sources.kafka_producer import produce_synthetic
 
         rate = _positive_int("rate", args.rate) if args.rate is not None else None
         partitions = _positive_int("partitions", args.partitions) if args.partitions else None
         with _progress(err) as bar:
             task = bar.add_task("generate", total=events)
-            produce_synthetic(out, events, seed, rate=rate, partitions=partitions,
-                              progress=lambda n: bar.update(task, completed=n))
+            produce_synthetic(
+                out,
+                events,
+                seed,
+                rate=rate,
+                partitions=partitions,
+                progress=lambda n: bar.update(task, completed=n),
+            )
     elif out.endswith(".parquet"):
-        import pyarrow.parquet as pq  # noqa: PLC0415
+        import pyarrow.parquet as pq
 
-        from gpu_pipeline.sources.synthetic import generate_arrow  # noqa: PLC0415
+        from gpu_pipeline.sources.synthetic import generate_arrow
 
         writer = None
         written = 0
@@ -52,7 +62,7 @@ def generate(args: argparse.Namespace, console: Console) -> int:
         if writer is not None:
             writer.close()
     else:
-        from gpu_pipeline.sources.synthetic import write_ndjson  # noqa: PLC0415
+        from gpu_pipeline.sources.synthetic import write_ndjson
 
         with _progress(err) as bar:
             task = bar.add_task("generate", total=events)

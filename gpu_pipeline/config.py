@@ -23,7 +23,16 @@ from gpu_pipeline.semantics import Semantics
 ENV_PREFIX = "GPU_PIPELINE_"
 DEFAULT_DATA_DIR = "gpu_pipeline_data"
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|min|m|h|d)?\s*$")
-_UNIT_MS = {None: 1, "ms": 1, "s": 1000, "sec": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+_UNIT_MS = {
+    None: 1,
+    "ms": 1,
+    "s": 1000,
+    "sec": 1000,
+    "m": 60_000,
+    "min": 60_000,
+    "h": 3_600_000,
+    "d": 86_400_000,
+}
 
 
 def parse_duration_ms(option: str, value: Any) -> int:
@@ -36,7 +45,9 @@ def parse_duration_ms(option: str, value: Any) -> int:
         return value
     match = _DURATION_RE.match(str(value))
     if not match:
-        raise ConfigError(option, f"expected a duration such as 5s, 30min or 500 (ms), got {value!r}")
+        raise ConfigError(
+            option, f"expected a duration such as 5s, 30min or 500 (ms), got {value!r}"
+        )
     ms = float(match.group(1)) * _UNIT_MS[match.group(2)]
     if ms != int(ms):
         raise ConfigError(option, f"{value!r} is not a whole number of milliseconds")
@@ -93,7 +104,9 @@ def _source(option: str, value: Any) -> str:
         if not parts.hostname or not parts.port or not parts.path.strip("/"):
             raise ConfigError(option, f"expected kafka://HOST:PORT/TOPIC, got {value!r}")
         return text
-    raise ConfigError(option, f"expected synthetic, file:PATH or kafka://HOST:PORT/TOPIC, got {value!r}")
+    raise ConfigError(
+        option, f"expected synthetic, file:PATH or kafka://HOST:PORT/TOPIC, got {value!r}"
+    )
 
 
 def _sink(option: str, value: Any) -> str:
@@ -105,7 +118,9 @@ def _sink(option: str, value: Any) -> str:
         if not parts.hostname:
             raise ConfigError(option, "expected http(s)://USER:PASS@HOST:PORT")
         return text
-    raise ConfigError(option, f"expected chdb://PATH or http(s)://USER:PASS@HOST:PORT, got {redact(text)!r}")
+    raise ConfigError(
+        option, f"expected chdb://PATH or http(s)://USER:PASS@HOST:PORT, got {redact(text)!r}"
+    )
 
 
 def _identifier(option: str, value: Any) -> str:
@@ -210,7 +225,9 @@ def _apply(values: dict[str, Any], updates: Mapping[str, Any], origin: str) -> N
     for raw_name, value in updates.items():
         name = canonical_option(raw_name)
         if name not in _PARSERS:
-            raise ConfigError(raw_name, f"unknown option (from {origin}); known: {', '.join(OPTION_NAMES)}")
+            raise ConfigError(
+                raw_name, f"unknown option (from {origin}); known: {', '.join(OPTION_NAMES)}"
+            )
         values[name] = _PARSERS[name](name, value)
 
 
@@ -240,7 +257,8 @@ def load_config(
     from_env = {
         key[len(ENV_PREFIX) :]: value
         for key, value in env.items()
-        if key.startswith(ENV_PREFIX) and key != f"{ENV_PREFIX}CONFIG"
+        if key.startswith(ENV_PREFIX)
+        and key != f"{ENV_PREFIX}CONFIG"
         and canonical_option(key[len(ENV_PREFIX) :]) in _PARSERS
     }
     _apply(values, from_env, "environment")

@@ -25,7 +25,13 @@ def _cell(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="backslashreplace")
     if isinstance(value, float):
-        return f"{value:,.6g}" if abs(value) >= 1e15 else f"{value:,.2f}" if value != int(value) else f"{value:,.0f}"
+        return (
+            f"{value:,.6g}"
+            if abs(value) >= 1e15
+            else f"{value:,.2f}"
+            if value != int(value)
+            else f"{value:,.0f}"
+        )
     if isinstance(value, int):
         return f"{value:,}" if abs(value) < 10**12 else str(value)
     return str(value)
@@ -36,7 +42,11 @@ def render_table(table: pa.Table, console: Console | None = None, title: str | N
     console = console or Console()
     view = Table(title=title, show_header=True, header_style="bold")
     for field in table.schema:
-        numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_decimal(field.type)
+        numeric = (
+            pa.types.is_integer(field.type)
+            or pa.types.is_floating(field.type)
+            or pa.types.is_decimal(field.type)
+        )
         view.add_column(field.name, justify="right" if numeric else "left")
     for row in table.slice(0, MAX_TABLE_ROWS).to_pylist():
         view.add_row(*(_cell(row[name]) for name in table.column_names))

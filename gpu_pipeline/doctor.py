@@ -25,20 +25,25 @@ def _timed(fn: Callable[[], str]) -> tuple[bool, str]:
     start = time.perf_counter()
     try:
         detail = fn()
-    except Exception as exc:  # noqa: BLE001 - the doctor reports every failure as data
+    except Exception as exc:
         return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     return True, f"{detail} ({time.perf_counter() - start:.2f} s)"
 
 
 def check_gpu() -> Check:
-    from gpu_pipeline.backend.gpu import gpu_unavailable_reason  # noqa: PLC0415
+    from gpu_pipeline.backend.gpu import gpu_unavailable_reason
 
     reason = gpu_unavailable_reason()
     if reason:
-        return Check("GPU + CUDA driver", False, reason,
-                     "run on a machine with an NVIDIA GPU and driver (docker: --gpus all); "
-                     "the CPU engine works meanwhile", optional=True)
-    import cupy  # noqa: PLC0415
+        return Check(
+            "GPU + CUDA driver",
+            False,
+            reason,
+            "run on a machine with an NVIDIA GPU and driver (docker: --gpus all); "
+            "the CPU engine works meanwhile",
+            optional=True,
+        )
+    import cupy
 
     props = cupy.cuda.runtime.getDeviceProperties(0)
     driver = cupy.cuda.runtime.driverGetVersion()
@@ -46,17 +51,22 @@ def check_gpu() -> Check:
 
 
 def check_cudf() -> Check:
-    from gpu_pipeline.backend.gpu import cudf_unavailable_reason  # noqa: PLC0415
+    from gpu_pipeline.backend.gpu import cudf_unavailable_reason
 
     reason = cudf_unavailable_reason()
-    return Check("cuDF", reason is None, reason or "importable",
-                 "pip install gpu-pipeline[gpu] (cudf-cu12) on a GPU machine; without it the GPU "
-                 "engine decodes with pyarrow and moves columns to the device", optional=True)
+    return Check(
+        "cuDF",
+        reason is None,
+        reason or "importable",
+        "pip install gpu-pipeline[gpu] (cudf-cu12) on a GPU machine; without it the GPU "
+        "engine decodes with pyarrow and moves columns to the device",
+        optional=True,
+    )
 
 
 def check_cupy() -> Check:
     def probe() -> str:
-        import cupy  # noqa: PLC0415
+        import cupy
 
         return f"cupy {cupy.__version__}"
 
@@ -66,44 +76,55 @@ def check_cupy() -> Check:
 
 def check_cpu_kernels() -> Check:
     def probe() -> str:
-        from gpu_pipeline.backend.kernels import load_cpu  # noqa: PLC0415
+        from gpu_pipeline.backend.kernels import load_cpu
 
         lib = load_cpu("release")
         return f"{len(lib.names)} kernels built with C++/OpenMP"
 
     ok, detail = _timed(probe)
-    return Check("kernels: CPU target", ok, detail, "install a C++ compiler with OpenMP: apt-get install g++")
+    return Check(
+        "kernels: CPU target", ok, detail, "install a C++ compiler with OpenMP: apt-get install g++"
+    )
 
 
 def check_nvrtc() -> Check:
     def probe() -> str:
-        from gpu_pipeline.backend.kernels import compile_with_nvrtc  # noqa: PLC0415
+        from gpu_pipeline.backend.kernels import compile_with_nvrtc
 
         ptx = compile_with_nvrtc("sm_90")
         return f"NVRTC compiled every kernel for sm_90 ({len(ptx):,} bytes of PTX)"
 
     ok, detail = _timed(probe)
-    return Check("kernels: GPU target (NVRTC)", ok, detail,
-                 "pip install cuda-bindings nvidia-cuda-nvrtc-cu12", optional=True)
+    return Check(
+        "kernels: GPU target (NVRTC)",
+        ok,
+        detail,
+        "pip install cuda-bindings nvidia-cuda-nvrtc-cu12",
+        optional=True,
+    )
 
 
 def check_kafka(bootstrap: str) -> Check:
     def probe() -> str:
-        from confluent_kafka.admin import AdminClient  # noqa: PLC0415
+        from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 3000})
         metadata = admin.list_topics(timeout=3)
         return f"{bootstrap}: {len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s)"
 
     ok, detail = _timed(probe)
-    return Check("Kafka", ok, detail,
-                 f"start a broker (make kafka-start) or pass --kafka HOST:PORT; tried {bootstrap}",
-                 optional=True)
+    return Check(
+        "Kafka",
+        ok,
+        detail,
+        f"start a broker (make kafka-start) or pass --kafka HOST:PORT; tried {bootstrap}",
+        optional=True,
+    )
 
 
 def check_clickhouse(sink_url: str, database: str) -> Check:
     def probe() -> str:
-        from gpu_pipeline.sinks.base import open_sink  # noqa: PLC0415
+        from gpu_pipeline.sinks.base import open_sink
 
         sink = open_sink(sink_url, database)
         try:
@@ -113,8 +134,12 @@ def check_clickhouse(sink_url: str, database: str) -> Check:
             sink.close()
 
     ok, detail = _timed(probe)
-    return Check("ClickHouse sink", ok, detail,
-                 "pip install chdb (embedded) or pass --sink http://USER:PASS@HOST:8123")
+    return Check(
+        "ClickHouse sink",
+        ok,
+        detail,
+        "pip install chdb (embedded) or pass --sink http://USER:PASS@HOST:8123",
+    )
 
 
 def run_doctor(sink_url: str, database: str, kafka: str, console: Console | None = None) -> int:
@@ -133,7 +158,11 @@ def run_doctor(sink_url: str, database: str, kafka: str, console: Console | None
     for column in ("check", "status", "detail", "fix"):
         table.add_column(column, overflow="fold")
     for check in checks:
-        status = "[green]ok" if check.ok else ("[yellow]unavailable" if check.optional else "[red]FAILED")
+        status = (
+            "[green]ok"
+            if check.ok
+            else ("[yellow]unavailable" if check.optional else "[red]FAILED")
+        )
         table.add_row(check.name, status, check.detail, "" if check.ok else check.fix)
     console.print(table)
     engine = "gpu" if checks[3].ok else "cpu"

@@ -19,7 +19,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"needs a GPU: {gpu_reason}"))
         if "clickhouse_server" in item.keywords and not os.environ.get("CLICKHOUSE_URL"):
             item.add_marker(
-                pytest.mark.skip(reason="needs a ClickHouse server: set CLICKHOUSE_URL=http://user:pass@host:8123")
+                pytest.mark.skip(
+                    reason="needs a ClickHouse server: set CLICKHOUSE_URL=http://user:pass@host:8123"
+                )
             )
 
 
@@ -59,7 +61,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
-    """The Kafka broker of this session: $KAFKA_BOOTSTRAP, or one started here and stopped at exit."""
+    """The session's Kafka broker: $KAFKA_BOOTSTRAP, or one started here and stopped at exit."""
     from tests.kafka_broker import broker_bootstrap, unavailable_reason
 
     reason = unavailable_reason()

@@ -20,7 +20,7 @@ from gpu_pipeline.errors import EngineUnavailableError
 def gpu_unavailable_reason() -> str | None:
     """Why the GPU engine cannot run here, or None when it can."""
     try:
-        import cupy  # noqa: PLC0415
+        import cupy
     except Exception as exc:  # pragma: no cover - depends on the machine
         return f"CuPy is not importable ({exc}); pip install cupy-cuda12x"
     try:
@@ -37,7 +37,7 @@ def cudf_unavailable_reason() -> str | None:
     if reason:
         return reason
     try:
-        import cudf  # noqa: F401, PLC0415
+        import cudf  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the machine
         return f"cuDF is not importable ({type(exc).__name__}: {exc}); pip install cudf-cu12"
     return None
@@ -52,7 +52,7 @@ class GpuBackend(Backend):
         reason = gpu_unavailable_reason()
         if reason:
             raise EngineUnavailableError(f"the GPU engine cannot run here: {reason}")
-        import cupy  # noqa: PLC0415
+        import cupy
 
         self.xp = cupy
         self.device = device

@@ -65,7 +65,7 @@ class KernelSignature:
 
 
 def kernels_dir() -> Path:
-    """Where the kernel sources live: ``$GPU_PIPELINE_KERNELS_DIR`` or the repository's ``kernels/``."""
+    """Where the kernel sources live: ``$GPU_PIPELINE_KERNELS_DIR`` or the repo's ``kernels/``."""
     override = os.environ.get("GPU_PIPELINE_KERNELS_DIR")
     if override:
         return Path(override)
@@ -124,8 +124,17 @@ BUILD_VARIANTS: dict[str, tuple[str, list[str]]] = {
     # ThreadSanitizer + LLVM OpenMP (Archer makes OpenMP synchronisation visible to TSan).
     "tsan": (
         "clang++-14",
-        ["-O1", "-g", "-fsanitize=thread", "-fopenmp=libomp", "-shared", "-fPIC",
-         "-std=c++17", "-x", "c++"],
+        [
+            "-O1",
+            "-g",
+            "-fsanitize=thread",
+            "-fopenmp=libomp",
+            "-shared",
+            "-fPIC",
+            "-std=c++17",
+            "-x",
+            "c++",
+        ],
     ),
 }
 
@@ -142,7 +151,9 @@ def cache_dir() -> Path:
 def build_cpu_library(variant: str = "release") -> Path:
     """Compile the kernels for the CPU (cached by source hash); return the library path."""
     if variant not in BUILD_VARIANTS:
-        raise KernelError(f"unknown kernel build {variant!r}; choose one of {sorted(BUILD_VARIANTS)}")
+        raise KernelError(
+            f"unknown kernel build {variant!r}; choose one of {sorted(BUILD_VARIANTS)}"
+        )
     default_compiler, flags = BUILD_VARIANTS[variant]
     compiler = os.environ.get("CXX", default_compiler) if variant == "release" else default_compiler
     source = kernel_source() + _CPU_EXTRA
@@ -151,7 +162,11 @@ def build_cpu_library(variant: str = "release") -> Path:
     if target.is_file():
         return target
     if shutil.which(compiler) is None:
-        hint = "apt-get install g++" if variant == "release" else "apt-get install clang-14 libomp-14-dev"
+        hint = (
+            "apt-get install g++"
+            if variant == "release"
+            else "apt-get install clang-14 libomp-14-dev"
+        )
         raise KernelError(
             f"no C++ compiler {compiler!r} found to build the CPU kernels: {hint} (or set CXX)"
         )
@@ -180,9 +195,7 @@ class _CpuLauncher:
 
     def __call__(self, *args: Any) -> None:
         converted = _check_args(self.signature, args, np)
-        self.function(
-            *(a.ctypes.data if isinstance(a, np.ndarray) else a for a in converted)
-        )
+        self.function(*(a.ctypes.data if isinstance(a, np.ndarray) else a for a in converted))
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +210,7 @@ class _GpuLauncher:
         self.max_blocks = max_blocks
 
     def __call__(self, *args: Any) -> None:
-        import cupy  # noqa: PLC0415 - GPU libraries are imported only on the GPU target
+        import cupy
 
         converted = _check_args(self.signature, args, cupy)
         n = int(converted[0])
@@ -224,7 +237,9 @@ def _check_args(signature: KernelSignature, args: tuple[Any, ...], xp: Any) -> l
                     f"got {type(arg).__name__}"
                 )
             if arg.dtype != dtype:
-                raise KernelError(f"{signature.name}: {param.name} must be {dtype}, got {arg.dtype}")
+                raise KernelError(
+                    f"{signature.name}: {param.name} must be {dtype}, got {arg.dtype}"
+                )
             if not arg.flags.c_contiguous:
                 raise KernelError(f"{signature.name}: {param.name} must be C-contiguous")
             converted.append(arg)
@@ -285,7 +300,7 @@ def load_cpu(variant: str | None = None) -> KernelLibrary:
 
 def load_gpu(device: int | None = None) -> KernelLibrary:
     """The GPU build for the current (or given) CUDA device, compiled by NVRTC once."""
-    import cupy  # noqa: PLC0415 - GPU libraries are imported only on the GPU target
+    import cupy
 
     device_id = cupy.cuda.Device(device).id if device is not None else cupy.cuda.Device().id
     key = ("gpu", "nvrtc", device_id)
@@ -311,7 +326,7 @@ def compile_with_nvrtc(arch: str = "sm_90") -> str:
     and ``cuda-bindings`` packages.
     """
     try:
-        from cuda.bindings import nvrtc  # noqa: PLC0415
+        from cuda.bindings import nvrtc
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise KernelError(
             "NVRTC is not installed: pip install cuda-bindings nvidia-cuda-nvrtc-cu12"
@@ -326,7 +341,9 @@ def compile_with_nvrtc(arch: str = "sm_90") -> str:
     log = b" " * log_size
     nvrtc.nvrtcGetProgramLog(program, log)
     if compile_err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        raise KernelError(f"NVRTC failed to compile the kernels for {arch}:\n{log.decode(errors='replace')}")
+        raise KernelError(
+            f"NVRTC failed to compile the kernels for {arch}:\n{log.decode(errors='replace')}"
+        )
     err, ptx_size = nvrtc.nvrtcGetPTXSize(program)
     ptx = b" " * ptx_size
     nvrtc.nvrtcGetPTX(program, ptx)

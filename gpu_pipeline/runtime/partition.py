@@ -57,7 +57,9 @@ class PartitionProcessor:
         self.watermark = Watermark(semantics.max_out_of_orderness_ms)
         self.dedup = Dedup(DedupConfig(ttl_ms=semantics.dedup_ttl_ms), backend)
         self.sessions = Sessionizer(
-            SessionConfig(semantics.session_gap_ms, semantics.allowed_lateness_ms), backend, partition
+            SessionConfig(semantics.session_gap_ms, semantics.allowed_lateness_ms),
+            backend,
+            partition,
         )
         self.windows = [
             WindowAggregator(spec, semantics.allowed_lateness_ms, backend, partition)
@@ -99,7 +101,9 @@ class PartitionProcessor:
         counts.late = int(late_rows.shape[0])
         counts.on_time = int(on_rows.shape[0])
         if late_rows.shape[0]:
-            output.tables["late_events"] = self._late_rows(events, late_rows, self.backend.to_host(w))
+            output.tables["late_events"] = self._late_rows(
+                events, late_rows, self.backend.to_host(w)
+            )
         if not on_rows.shape[0]:
             return
         on_events = events.take(pa.array(on_rows))
@@ -109,7 +113,12 @@ class PartitionProcessor:
         etype = asarray(event_type_codes(on_events))
         micros = asarray(revenue_micros(on_events))
         session_ids = self.sessions.apply(
-            user, on_ts, self.backend.strings(on_events["event_id"]), etype, micros, on_events["page"]
+            user,
+            on_ts,
+            self.backend.strings(on_events["event_id"]),
+            etype,
+            micros,
+            on_events["page"],
         )
         output.tables["events"] = _events_rows(on_events, self.backend.to_host(session_ids))
         on_w = w[on_idx]
@@ -197,5 +206,3 @@ def _events_rows(on_events: pa.Table, session_ids: np.ndarray) -> pa.Table:
     for f in schema.POSITION_FIELDS:
         columns[f.name] = on_events[f.name]
     return pa.table(columns, schema=schema.EVENTS)
-
-

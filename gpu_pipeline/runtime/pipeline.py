@@ -30,11 +30,12 @@ from gpu_pipeline.backend.base import Backend
 from gpu_pipeline.config import RunConfig, redact
 from gpu_pipeline.decode.base import Decoder
 from gpu_pipeline.errors import ConfigError
+from gpu_pipeline.runtime.faults import crash_point
 from gpu_pipeline.runtime.metrics import ProgressDisplay, RunMetrics
 from gpu_pipeline.runtime.partition import BatchOutput, PartitionProcessor
 from gpu_pipeline.sinks.base import Sink, open_sink
 from gpu_pipeline.sources.base import RawBatch, Source
-from gpu_pipeline.state.checkpoint import Checkpoint, CheckpointStore
+from gpu_pipeline.state.checkpoint import CheckpointStore, PartitionCheckpoint
 
 
 @dataclass
@@ -51,15 +52,15 @@ class RunResult:
 def open_source(config: RunConfig) -> Source:
     """The source named by ``--source``."""
     if config.source == "synthetic":
-        from gpu_pipeline.sources.synthetic import SyntheticSource  # noqa: PLC0415
+        from gpu_pipeline.sources.synthetic import SyntheticSource
 
         return SyntheticSource(config.events, config.seed)
     if config.source.startswith("file:"):
-        from gpu_pipeline.sources.files import FileSource  # noqa: PLC0415
+        from gpu_pipeline.sources.files import FileSource
 
         return FileSource(config.source[len("file:") :])
     if config.source.startswith("kafka://"):
-        from gpu_pipeline.sources.kafka import KafkaSource  # noqa: PLC0415
+        from gpu_pipeline.sources.kafka import KafkaSource
 
         return KafkaSource.from_config(config)
     raise ConfigError("source", f"unsupported source {config.source!r}")
@@ -67,7 +68,7 @@ def open_source(config: RunConfig) -> Source:
 
 def make_decoder(backend: Backend) -> Decoder:
     """The decoder for the engine (pyarrow on the host; cuDF on the GPU when present)."""
-    from gpu_pipeline.decode.json import ArrowJsonDecoder  # noqa: PLC0415
+    from gpu_pipeline.decode.json import ArrowJsonDecoder
 
     return ArrowJsonDecoder()
 
@@ -97,7 +98,9 @@ def job_id(config: RunConfig) -> str:
 class Pipeline:
     """One job: a source, an engine, a sink and the checkpoints that tie them together."""
 
-    def __init__(self, config: RunConfig, *, sink: Sink | None = None, backend: Backend | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, *, sink: Sink | None = None, backend: Backend | None = None
+    ) -> None:
         self.config = config
         self.job_id = job_id(config)
         if backend is None:
@@ -112,17 +115,23 @@ class Pipeline:
         self.processors: dict[int, PartitionProcessor] = {}
         self.positions: dict[int, int] = {}
         self.metrics = RunMetrics()
+        self.source: Source | None = None
+        self._checkpointed: dict[int, int] = {}
+        self._partition_counters: dict[int, dict[str, int]] = {}
         self._stop = threading.Event()
-        self._checkpoint: Checkpoint | None = None
 
     # ------------------------------------------------------------------ control
 
     def request_stop(self, *_: Any) -> None:
         """Finish the current batch, checkpoint and return (SIGINT/SIGTERM)."""
         self._stop.set()
+        stop = getattr(self.source, "stop", None)
+        if stop is not None:
+            stop()
 
     def install_signal_handlers(self) -> None:
         """Route SIGINT and SIGTERM to :meth:`request_stop` (main thread only)."""
+
         def handler(signum: int, frame: FrameType | None) -> None:
             self.request_stop()
 
@@ -136,15 +145,14 @@ class Pipeline:
         self.sink.open()
         if self.config.fresh:
             self.store.reset()
-        checkpoint = self.store.load()
-        if checkpoint is not None:
-            self._resume(checkpoint)
-            if checkpoint.complete:
-                return RunResult(self.metrics, self.backend.name, True, already_complete=True)
-        else:
-            checkpoint = Checkpoint(self.job_id, extra={"batch_size": self.config.batch_size})
-        self._checkpoint = checkpoint
-        source = open_source(self.config)
+        if self.store.is_complete():
+            for partition in self.store.partitions():
+                self._resume(partition)
+            return RunResult(self.metrics, self.backend.name, True, already_complete=True)
+        for partition in self.store.partitions():
+            self._resume(partition)
+        source = self._open_source()
+        self.source = source
         total = self.config.events if self.config.source == "synthetic" else None
         last_checkpoint = time.monotonic()
         try:
@@ -154,30 +162,66 @@ class Pipeline:
                     display.update(self.metrics, self._detail())
                     if self._stop.is_set():
                         break
-                    if time.monotonic() - last_checkpoint >= self.config.checkpoint_interval_ms / 1000:
-                        self._save_checkpoint(complete=False)
+                    if (
+                        time.monotonic() - last_checkpoint
+                        >= self.config.checkpoint_interval_ms / 1000
+                    ):
+                        self.checkpoint()
                         last_checkpoint = time.monotonic()
                 stopped = self._stop.is_set()
                 if not stopped:
                     self._flush_all()
-                self._save_checkpoint(complete=not stopped)
+                self.checkpoint()
+                if not stopped and source.bounded:
+                    self.store.mark_complete()
                 display.update(self.metrics, self._detail())
         finally:
             source.close()
         return RunResult(self.metrics, self.backend.name, not stopped, stopped=stopped)
 
-    def _resume(self, checkpoint: Checkpoint) -> None:
-        recorded = checkpoint.extra.get("batch_size")
-        if recorded is not None and recorded != self.config.batch_size:
+    def _open_source(self) -> Source:
+        if self.config.source.startswith("kafka://"):
+            from gpu_pipeline.sources.kafka import KafkaSource
+            from gpu_pipeline.state.journal import BatchJournal
+
+            return KafkaSource.from_config(
+                self.config,
+                journal=BatchJournal(self.store.directory / "journal"),
+                resume=self._resume,
+                on_revoke=self._on_revoke,
+            )
+        return open_source(self.config)
+
+    def _resume(self, partition: int) -> int | None:
+        """Restore ``partition`` from its checkpoint; its next position, or None if it has none."""
+        checkpoint = self.store.load(partition)
+        if checkpoint is None:
+            return None
+        if (
+            checkpoint.batch_size
+            and checkpoint.batch_size != self.config.batch_size
+            and not self.config.source.startswith("kafka://")
+        ):
             raise ConfigError(
                 "batch_size",
-                f"this job's checkpoint was taken with batch_size={recorded}; resume with the same "
-                "batch size (so replayed batches are cut identically) or start over with --fresh",
+                f"this job's checkpoint was taken with batch_size={checkpoint.batch_size}; resume "
+                "with the same batch size (so replayed batches are cut identically) or use --fresh",
             )
-        self.positions = dict(checkpoint.positions)
-        self.metrics.counters.update(checkpoint.counters)
-        for partition, state in checkpoint.states.items():
-            self._processor(partition).restore(state)
+        self.positions[partition] = checkpoint.position
+        self._checkpointed[partition] = checkpoint.sequence
+        self.metrics.add(**checkpoint.counters)
+        self._partition_counters[partition] = dict(checkpoint.counters)
+        processor = PartitionProcessor(partition, self.semantics, self.backend)
+        processor.restore(checkpoint.state)
+        self.processors[partition] = processor
+        return checkpoint.position
+
+    def _on_revoke(self, partitions: list[int]) -> None:
+        """Kafka rebalance: checkpoint the partitions that leave, then forget them."""
+        self.checkpoint(partitions)
+        for partition in partitions:
+            self.processors.pop(partition, None)
+            self.positions.pop(partition, None)
 
     def _processor(self, partition: int) -> PartitionProcessor:
         if partition not in self.processors:
@@ -190,41 +234,71 @@ class Pipeline:
         if decoded.dead.num_rows:
             output.tables["dead_letters"] = decoded.dead
         first = int(raw.offsets[0]) if len(raw) else raw.next_offset
-        self._write(output, f"{self.job_id}:{raw.partition}:{first}-{raw.next_offset}")
-        self.positions[raw.partition] = raw.next_offset
-        self.metrics.records_this_process += len(raw)
-        self.metrics.add(
+        counts = self._write(
+            raw.partition, output, f"{self.job_id}:{raw.partition}:{first}-{raw.next_offset}"
+        )
+        counts.update(
             records=len(raw),
             events=decoded.events.num_rows,
             dead_letters=decoded.dead.num_rows,
             batches=1,
         )
+        self._count(raw.partition, counts)
+        self.positions[raw.partition] = raw.next_offset
+        self.metrics.records_this_process += len(raw)
+        crash_point("after_sink_write")
 
     def _flush_all(self) -> None:
         for partition in sorted(self.processors):
             output = self.processors[partition].flush()
-            self._write(output, f"{self.job_id}:{partition}:flush@{self.positions.get(partition, 0)}")
+            token = f"{self.job_id}:{partition}:flush@{self.positions.get(partition, 0)}"
+            self._count(partition, self._write(partition, output, token))
 
-    def _write(self, output: BatchOutput, token_base: str) -> None:
+    def _write(self, partition: int, output: BatchOutput, token_base: str) -> dict[str, int]:
+        """Write a batch's rows with deterministic tokens; the counters it adds."""
         for table in sorted(output.tables):
             rows = output.tables[table]
             if rows.num_rows:
                 self.sink.write(table, rows, f"{token_base}:{table}")
-        counts = output.counts
-        self.metrics.add(duplicates=counts.duplicates, late=counts.late, on_time=counts.on_time)
-        self.metrics.add(sessions=_rows(output, "sessions"))
-        self.metrics.add(
-            window_rows=sum(_rows(output, spec.table) for spec in self.semantics.windows)
-        )
+        c = output.counts
+        return {
+            "duplicates": c.duplicates,
+            "late": c.late,
+            "on_time": c.on_time,
+            "sessions": _rows(output, "sessions"),
+            "window_rows": sum(_rows(output, spec.table) for spec in self.semantics.windows),
+        }
 
-    def _save_checkpoint(self, complete: bool) -> None:
-        assert self._checkpoint is not None
-        checkpoint = self._checkpoint
-        checkpoint.positions = dict(self.positions)
-        checkpoint.states = {p: proc.snapshot() for p, proc in self.processors.items()}
-        checkpoint.counters = dict(self.metrics.counters)
-        checkpoint.complete = complete
-        self.store.save(checkpoint)
+    def _count(self, partition: int, counts: dict[str, int]) -> None:
+        self.metrics.add(**counts)
+        mine = self._partition_counters.setdefault(partition, {})
+        for key, value in counts.items():
+            mine[key] = mine.get(key, 0) + value
+
+    def checkpoint(self, partitions: list[int] | None = None) -> None:
+        """Make the state of ``partitions`` (default: all) durable, then commit their offsets.
+
+        The sink writes of every processed batch are already done: sink -> state -> offsets.
+        """
+        chosen = sorted(self.processors) if partitions is None else partitions
+        for partition in chosen:
+            processor = self.processors.get(partition)
+            if processor is None or partition not in self.positions:
+                continue
+            self.store.save(
+                partition,
+                PartitionCheckpoint(
+                    position=self.positions[partition],
+                    state=processor.snapshot(),
+                    counters=dict(self._partition_counters.get(partition, {})),
+                    batch_size=self.config.batch_size,
+                    sequence=self._checkpointed.get(partition, 0),
+                ),
+            )
+            self._checkpointed[partition] = self._checkpointed.get(partition, 0) + 1
+        crash_point("after_checkpoint")
+        if self.source is not None:
+            self.source.commit({p: self.positions[p] for p in chosen if p in self.positions})
 
     def _detail(self) -> str:
         c = self.metrics.counters

@@ -73,6 +73,8 @@ class Source(ABC):
     """A bounded or unbounded supply of raw records, partition by partition."""
 
     name: str
+    bounded: bool = True
+    """Bounded sources end (and the run flushes); unbounded ones run until stopped."""
 
     @abstractmethod
     def batches(self, max_records: int, start: dict[int, int]) -> Iterator[RawBatch]:
@@ -81,6 +83,9 @@ class Source(ABC):
 
         Bounded sources stop when exhausted; the caller then flushes (SPEC §2.8).
         """
+
+    def commit(self, positions: dict[int, int]) -> None:  # noqa: B027 - optional hook
+        """Called after a checkpoint made ``positions`` durable (Kafka commits offsets)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""

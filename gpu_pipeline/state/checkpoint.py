@@ -1,13 +1,15 @@
-"""Durable checkpoints: every partition's operator state and read position, atomically.
+"""Durable checkpoints: each partition's operator state and read position, atomically.
 
-Layout under the job's checkpoint directory::
+Layout under the job's checkpoint directory (one folder per partition, so a partition can
+move to another consumer of the group with its state)::
 
-    CURRENT                  -> name of the newest complete checkpoint (replaced atomically)
-    ckpt-000042/manifest.json   job id, positions, counters, completion flag
-    ckpt-000042/p0-dedup.arrow  one Arrow IPC file per (partition, operator)
+    p3/CURRENT                 -> name of partition 3's newest complete checkpoint
+    p3/ckpt-000000042/manifest.json     position, counters
+    p3/ckpt-000000042/<operator>.arrow  one Arrow IPC file per operator state
+    COMPLETE                   -> written when a bounded job has flushed everything
 
-A checkpoint directory is written completely and fsynced before ``CURRENT`` points at it,
-so a crash at any instant leaves either the old or the new checkpoint, never half of one.
+A checkpoint folder is written completely and fsynced before ``CURRENT`` points at it, so a
+crash at any instant leaves either the old or the new checkpoint, never half of one.
 """
 
 from __future__ import annotations
@@ -17,27 +19,26 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from gpu_pipeline.errors import CheckpointError
+from gpu_pipeline.runtime.faults import crash_point
 
 CURRENT = "CURRENT"
+COMPLETE = "COMPLETE"
 
 
 @dataclass
-class Checkpoint:
-    """What a restart needs: positions, state tables and counters of every partition."""
+class PartitionCheckpoint:
+    """What a restart of one partition needs: where to read next, its state and counters."""
 
-    job_id: str
-    positions: dict[int, int] = field(default_factory=dict)
-    states: dict[int, dict[str, pa.Table]] = field(default_factory=dict)
+    position: int
+    state: dict[str, pa.Table] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
-    complete: bool = False
+    batch_size: int = 0
     sequence: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -47,80 +48,91 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.job_id = job_id
 
-    def load(self) -> Checkpoint | None:
-        """The newest checkpoint, or None when the job has none yet."""
-        pointer = self.directory / CURRENT
-        if not pointer.is_file():
-            return None
-        name = pointer.read_text().strip()
-        folder = self.directory / name
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(
-                f"checkpoint {folder} is unreadable ({exc}); restore it from a backup or rerun "
-                "with --fresh (idempotent inserts make a rerun safe)"
-            ) from exc
-        if manifest["job_id"] != self.job_id:
-            raise CheckpointError(
-                f"checkpoint {folder} belongs to job {manifest['job_id']}, not {self.job_id}: "
-                "use another --checkpoint-dir or --fresh"
-            )
-        states: dict[int, dict[str, pa.Table]] = {}
-        for partition, names in manifest["states"].items():
-            states[int(partition)] = {
-                op: _read_table(folder / f"p{partition}-{op}.arrow") for op in names
-            }
-        return Checkpoint(
-            job_id=manifest["job_id"],
-            positions={int(k): int(v) for k, v in manifest["positions"].items()},
-            states=states,
-            counters={k: int(v) for k, v in manifest["counters"].items()},
-            complete=bool(manifest["complete"]),
-            sequence=int(manifest["sequence"]),
-            extra=manifest.get("extra", {}),
+    def partitions(self) -> list[int]:
+        """Partitions that have a checkpoint."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            int(entry.name[1:])
+            for entry in self.directory.iterdir()
+            if entry.name[:1] == "p" and entry.name[1:].isdigit() and (entry / CURRENT).is_file()
         )
 
-    def save(self, checkpoint: Checkpoint) -> None:
-        """Write ``checkpoint`` durably, then make it the current one."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def load(self, partition: int) -> PartitionCheckpoint | None:
+        """The newest checkpoint of ``partition``, or None."""
+        folder = self.directory / f"p{partition}"
+        pointer = folder / CURRENT
+        if not pointer.is_file():
+            return None
+        current = folder / pointer.read_text().strip()
+        try:
+            manifest = json.loads((current / "manifest.json").read_text())
+            if manifest["job_id"] != self.job_id:
+                raise CheckpointError(
+                    f"checkpoint {current} belongs to job {manifest['job_id']}, not {self.job_id}: "
+                    "use another --checkpoint-dir or --fresh"
+                )
+            state = {name: _read_table(current / f"{name}.arrow") for name in manifest["state"]}
+        except (OSError, json.JSONDecodeError, KeyError, pa.ArrowInvalid) as exc:
+            raise CheckpointError(
+                f"checkpoint {current} is unreadable ({exc}); restore it from a backup or rerun "
+                "with --fresh (idempotent inserts make a rerun safe)"
+            ) from exc
+        return PartitionCheckpoint(
+            position=int(manifest["position"]),
+            state=state,
+            counters={k: int(v) for k, v in manifest["counters"].items()},
+            batch_size=int(manifest.get("batch_size", 0)),
+            sequence=int(manifest["sequence"]),
+        )
+
+    def save(self, partition: int, checkpoint: PartitionCheckpoint) -> None:
+        """Write ``checkpoint`` durably, then make it the partition's current one."""
+        folder = self.directory / f"p{partition}"
+        folder.mkdir(parents=True, exist_ok=True)
         checkpoint.sequence += 1
         name = f"ckpt-{checkpoint.sequence:09d}"
-        folder = self.directory / name
-        staging = self.directory / f".{name}.tmp"
+        staging = folder / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        for partition, tables in checkpoint.states.items():
-            for op, table in tables.items():
-                _write_table(staging / f"p{partition}-{op}.arrow", table)
+        for op, table in checkpoint.state.items():
+            _write_table(staging / f"{op}.arrow", table)
+            crash_point("during_snapshot")
         manifest = {
             "job_id": self.job_id,
+            "partition": partition,
             "sequence": checkpoint.sequence,
-            "positions": {str(k): v for k, v in checkpoint.positions.items()},
-            "states": {str(p): sorted(t) for p, t in checkpoint.states.items()},
+            "position": checkpoint.position,
+            "state": sorted(checkpoint.state),
             "counters": checkpoint.counters,
-            "complete": checkpoint.complete,
-            "extra": checkpoint.extra,
+            "batch_size": checkpoint.batch_size,
         }
         _write_bytes(staging / "manifest.json", json.dumps(manifest, indent=1).encode())
         _fsync_dir(staging)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
-        _fsync_dir(self.directory)
-        pointer_tmp = self.directory / f".{CURRENT}.tmp"
+        target = folder / name
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        pointer_tmp = folder / f".{CURRENT}.tmp"
         _write_bytes(pointer_tmp, name.encode())
-        os.replace(pointer_tmp, self.directory / CURRENT)
+        os.replace(pointer_tmp, folder / CURRENT)
+        _fsync_dir(folder)
+        for entry in folder.iterdir():
+            if entry.name.startswith(("ckpt-", ".ckpt-")) and entry.name != name:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def is_complete(self) -> bool:
+        """True once a bounded job has flushed and checkpointed everything."""
+        return (self.directory / COMPLETE).is_file()
+
+    def mark_complete(self) -> None:
+        """Record that the job ran to its end (a rerun is then a no-op)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _write_bytes(self.directory / COMPLETE, self.job_id.encode())
         _fsync_dir(self.directory)
-        self._remove_older_than(name)
 
     def reset(self) -> None:
         """Forget every checkpoint of this job (``--fresh``)."""
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def _remove_older_than(self, keep: str) -> None:
-        for entry in self.directory.iterdir():
-            if entry.name.startswith(("ckpt-", ".ckpt-")) and entry.name != keep:
-                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _write_table(path: Path, table: pa.Table) -> None:
@@ -132,7 +144,7 @@ def _write_table(path: Path, table: pa.Table) -> None:
 
 
 def _read_table(path: Path) -> pa.Table:
-    with ipc.open_file(pa.memory_map(str(path))) as reader:
+    with ipc.open_file(pa.OSFile(str(path), "rb")) as reader:
         return reader.read_all()
 
 

@@ -16,10 +16,14 @@ def test_nvrtc_compiles_every_kernel_for_sm90() -> None:
         assert f".entry {name}(" in ptx, f"kernel {name} missing from the PTX"
 
 
-def test_nvrtc_failure_surfaces_the_log(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nvrtc_failure_surfaces_the_log(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path  # type: ignore[assignment]
     (folder / "portable.cuh").write_text(kernels.kernels_dir().joinpath("portable.cuh").read_text())  # type: ignore[operator]
-    (folder / "broken.cu").write_text('#include "portable.cuh"\nKERNEL void broken(i64 n) { undefined_thing(); }\n')  # type: ignore[operator]
+    (folder / "broken.cu").write_text(
+        '#include "portable.cuh"\nKERNEL void broken(i64 n) { undefined_thing(); }\n'
+    )  # type: ignore[operator]
     monkeypatch.setenv("GPU_PIPELINE_KERNELS_DIR", str(folder))
     with pytest.raises(KernelError, match="undefined_thing"):
         kernels.compile_with_nvrtc("sm_90")
@@ -42,7 +46,9 @@ def test_launcher_rejects_wrong_dtype_and_arity() -> None:
         lib.hash_strings(1, offsets, chars, np.uint64(0), np.zeros(4, dtype=np.uint64)[::2])
 
 
-def test_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+def test_missing_compiler_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     monkeypatch.setenv("GPU_PIPELINE_CACHE_DIR", str(tmp_path))
     with pytest.raises(KernelError, match="no C\\+\\+ compiler"):

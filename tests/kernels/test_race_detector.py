@@ -59,10 +59,24 @@ def test_detector_is_quiet_on_the_atomic_twin(launcher: Path, tmp_path: Path) ->
 
 
 def test_kernel_tests_are_race_free(launcher: Path, tmp_path: Path) -> None:
-    modules = sorted(str(p) for p in HERE.glob("test_*.py") if p.name not in (Path(__file__).name, "test_build.py"))
+    modules = sorted(
+        str(p)
+        for p in HERE.glob("test_*.py")
+        if p.name not in (Path(__file__).name, "test_build.py")
+    )
     result = tsan.run_under_tsan(
         launcher,
-        ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not tsan and not gpu", *modules],
+        [
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not tsan and not gpu",
+            *modules,
+        ],
         {"GPU_PIPELINE_CACHE_DIR": str(tmp_path / "cache"), "HYPOTHESIS_PROFILE": "tsan"},
     )
     output = result.stdout[-4000:] + result.stderr[-6000:]

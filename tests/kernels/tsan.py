@@ -18,7 +18,9 @@ from pathlib import Path
 
 ARCHER = Path("/usr/lib/llvm-14/lib/libarcher.so")
 CLANG = "clang-14"
-LAUNCHER_SOURCE = "#include <Python.h>\nint main(int argc, char** argv) { return Py_BytesMain(argc, argv); }\n"
+LAUNCHER_SOURCE = (
+    "#include <Python.h>\nint main(int argc, char** argv) { return Py_BytesMain(argc, argv); }\n"
+)
 
 
 def unavailable_reason() -> str | None:
@@ -42,16 +44,30 @@ def build_launcher(folder: Path) -> Path:
     libdir = sysconfig.get_config_var("LIBDIR")
     version = sysconfig.get_config_var("LDVERSION")
     subprocess.run(
-        [CLANG, "-fsanitize=thread", "-fopenmp=libomp", f"-I{include}", str(source),
-         f"-L{libdir}", f"-lpython{version}", f"-Wl,-rpath,{libdir}", "-lm", "-ldl",
-         "-o", str(binary)],
-        check=True, capture_output=True, text=True,
+        [
+            CLANG,
+            "-fsanitize=thread",
+            "-fopenmp=libomp",
+            f"-I{include}",
+            str(source),
+            f"-L{libdir}",
+            f"-lpython{version}",
+            f"-Wl,-rpath,{libdir}",
+            "-lm",
+            "-ldl",
+            "-o",
+            str(binary),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return binary
 
 
-def run_under_tsan(launcher: Path, args: list[str], env_extra: dict[str, str], threads: int = 4,
-                   timeout: int = 900) -> subprocess.CompletedProcess[str]:
+def run_under_tsan(
+    launcher: Path, args: list[str], env_extra: dict[str, str], threads: int = 4, timeout: int = 900
+) -> subprocess.CompletedProcess[str]:
     """Run ``python args`` under the instrumented launcher with the TSan kernel build."""
     env = dict(os.environ)
     site = [p for p in sys.path if p.endswith("site-packages")]
@@ -63,5 +79,6 @@ def run_under_tsan(launcher: Path, args: list[str], env_extra: dict[str, str], t
         TSAN_OPTIONS="ignore_noninstrumented_modules=1 exitcode=66 report_signal_unsafe=0",
         **env_extra,
     )
-    return subprocess.run([str(launcher), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(launcher), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
