@@ -6,6 +6,8 @@ number of ids must set the error flag, never hang or answer wrongly.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 from hypothesis import given, settings
@@ -82,7 +84,6 @@ def test_group_batch_empty_and_single(backend: Backend) -> None:
 
 
 def gather(backend: Backend, values: list[str], rows: list[int]) -> list[bytes]:
-    xp = backend.xp
     strings = _strings(backend, values)
     lengths = [len(values[r].encode()) for r in rows]
     dst_offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int64))).astype(np.int64)
@@ -93,7 +94,7 @@ def gather(backend: Backend, values: list[str], rows: list[int]) -> list[bytes]:
         backend.asarray(dst_offsets), dst,
     )  # fmt: skip
     raw = bytes(backend.to_host(dst))
-    return [raw[a:b] for a, b in zip(dst_offsets[:-1], dst_offsets[1:], strict=True)]
+    return [raw[a:b] for a, b in itertools.pairwise(dst_offsets)]
 
 
 @settings(max_examples=40, deadline=None)
@@ -146,7 +147,6 @@ def resolve(
 ) -> tuple[list[int], list[int], dict[int, int], int]:
     """Launch dedup_resolve on one batch of (id, ts, w); the grouping of its rows is built
     in Python.  Returns (dup, entry M after, {first row of new id: M}, error)."""
-    xp = backend.xp
     n = len(batch)
     values = [b[0] for b in batch]
     strings = _strings(backend, values)
@@ -175,7 +175,6 @@ def resolve(
     )  # fmt: skip
     host = backend.to_host
     new = {i: int(host(new_max)[i]) for i in range(n) if host(is_new)[i]}
-    assert xp is backend.xp
     return host(dup)[:n].tolist(), host(state.max_ts)[:-1].tolist(), new, int(host(error)[0])
 
 
