@@ -63,7 +63,7 @@ DEVICE void memory_fence() { __threadfence(); }
 #define DEVICE static inline
 #define __restrict__ __restrict
 #define GP_PRAGMA(x) _Pragma(#x)
-#define PARALLEL_FOR(i, n) GP_PRAGMA(omp parallel for schedule(static)) \
+#define PARALLEL_FOR(i, n) GP_PRAGMA(omp parallel for if ((n) >= 4096) schedule(static)) \
     for (i64 i = 0; i < (i64)(n); ++i)
 
 DEVICE i32 atomic_load_i32(const i32* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }

@@ -85,9 +85,7 @@ def check_slots(
 
 
 rows_strategy = st.lists(
-    st.tuples(
-        st.integers(-10_000, 10_000), st.integers(0, 5), st.booleans()
-    ),
+    st.tuples(st.integers(-10_000, 10_000), st.integers(0, 5), st.booleans()),
     max_size=60,
 )
 
@@ -174,9 +172,11 @@ def test_accumulate_matches_model(backend: Backend, rows: list[tuple[int, int, i
     keys[0::2] = starts
     n = len(rows)
     slots = np.array([r[0] for r in rows], dtype=np.int64)
-    w = np.array(
-        [starts[max(r[0], 0)] + size_ms + r[1] for r in rows], dtype=np.int64
-    ) if rows else np.zeros(0, dtype=np.int64)
+    w = (
+        np.array([starts[max(r[0], 0)] + size_ms + r[1] for r in rows], dtype=np.int64)
+        if rows
+        else np.zeros(0, dtype=np.int64)
+    )
     et = np.array([r[2] for r in rows], dtype=np.int8)
     revenue = np.array([r[3] for r in rows], dtype=np.int64)
     acc = xp.zeros(6 * NCOL, dtype=xp.int64)
