@@ -69,4 +69,6 @@ class Semantics:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(name, f"must be a non-negative integer of milliseconds, got {value!r}")
+                raise ConfigError(
+                    name, f"must be a non-negative integer of milliseconds, got {value!r}"
+                )

@@ -9,7 +9,6 @@ refusals.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import uuid
@@ -24,7 +23,6 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from tests.kafka_broker import (
     KAFKA_SH,
     KafkaBrokerError,
-    broker_bootstrap,
     create_topic,
     free_port_pair,
     owns_broker,
