@@ -1,0 +1,188 @@
+"""``file:PATH`` sources: NDJSON (optionally gzip-compressed) and Parquet files.
+
+A file is partition 0.  For NDJSON a record's offset is its 0-based line number; blank
+(whitespace-only) lines separate records but are not records, and still count as lines,
+so offsets are the line numbers an editor shows minus one.  A line ends at ``\\n``; one
+``\\r`` before it belongs to the terminator (CRLF files), not to the record.  Files are read
+in blocks of :data:`READ_BYTES`, so memory stays bounded whatever the file size.
+
+For Parquet a record's offset is its 0-based row number and batches are
+:class:`gpu_pipeline.decode.base.TypedBatch` es carrying the typed rows; every decoder's
+``decode`` accepts them.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from gpu_pipeline.decode.base import TypedBatch
+from gpu_pipeline.errors import ConfigError, SourceError
+from gpu_pipeline.sources.base import RawBatch, Source
+
+READ_BYTES = 8 << 20
+"""Bytes read from the file at a time."""
+NDJSON_SUFFIXES = (".ndjson", ".jsonl", ".json")
+_NEWLINE, _RETURN, _OPEN_BRACE = 10, 13, ord("{")
+_BLANK = b" \t\r"
+
+
+class FileSource(Source):
+    """A bounded source reading one NDJSON or Parquet file.
+
+    Parameters
+    ----------
+    path
+        The file, with or without the ``file:`` prefix of the ``--source`` option.
+        ``.ndjson``, ``.jsonl`` and ``.json`` (each optionally ``.gz``) are NDJSON;
+        ``.parquet`` is Parquet.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        text = str(path)
+        self.path = Path(text.removeprefix("file:"))
+        self.name = f"file:{self.path}"
+        suffixes = [s.lower() for s in self.path.suffixes]
+        if suffixes[-1:] == [".gz"]:
+            suffixes = suffixes[:-1]
+            self.compressed = True
+        else:
+            self.compressed = False
+        kind = suffixes[-1] if suffixes else ""
+        if kind in NDJSON_SUFFIXES:
+            self.format = "ndjson"
+        elif kind == ".parquet" and not self.compressed:
+            self.format = "parquet"
+        else:
+            raise ConfigError(
+                "source",
+                f"cannot tell the format of {text!r}: use a .ndjson, .jsonl or .json file "
+                "(optionally .gz) or a .parquet file",
+            )
+        if not self.path.is_file():
+            raise SourceError(f"{self.name}: no such file; check the path given to --source")
+
+    def batches(self, max_records: int, start: dict[int, int]) -> Iterator[RawBatch]:
+        if not isinstance(max_records, int) or isinstance(max_records, bool) or max_records < 1:
+            raise ConfigError("batch_size", f"must be a positive integer, got {max_records!r}")
+        first = int(start.get(0, 0))
+        if self.format == "parquet":
+            yield from self._parquet_batches(max_records, first)
+        else:
+            yield from self._ndjson_batches(max_records, first)
+
+    def _open(self) -> BinaryIO:
+        try:
+            if self.compressed:
+                return gzip.open(self.path, "rb")  # type: ignore[return-value]
+            return open(self.path, "rb")
+        except OSError as exc:
+            raise SourceError(f"{self.name}: cannot open ({exc.strerror})") from exc
+
+    def _ndjson_batches(self, max_records: int, first_line: int) -> Iterator[RawBatch]:
+        with self._open() as stream:
+            try:
+                for block, line_no in _line_blocks(stream):
+                    yield from self._block_batches(block, line_no, first_line, max_records)
+            except (OSError, EOFError, gzip.BadGzipFile) as exc:
+                raise SourceError(f"{self.name}: read failed ({exc})") from exc
+
+    def _block_batches(
+        self, block: bytes, line_no: int, first_line: int, max_records: int
+    ) -> Iterator[RawBatch]:
+        """Batches of the records of a block of whole lines starting at line ``line_no``."""
+        starts, ends = _lines(block)
+        offsets = np.arange(line_no, line_no + starts.shape[0], dtype=np.int64)
+        keep = (offsets >= first_line) & ~_blank_lines(block, starts, ends)
+        starts, ends, offsets = starts[keep], ends[keep], offsets[keep]
+        for at in range(0, starts.shape[0], max_records):
+            s, e, o = (a[at : at + max_records] for a in (starts, ends, offsets))
+            base, stop = int(s[0]), int(e[-1])
+            yield RawBatch(
+                partition=0,
+                buffer=block[base:stop],
+                starts=s - base,
+                ends=e - base,
+                offsets=o,
+                seqs=np.zeros(s.shape[0], dtype=np.int32),
+                source=self.name,
+                next_offset=int(o[-1]) + 1,
+            )
+
+    def _parquet_batches(self, max_records: int, first_row: int) -> Iterator[RawBatch]:
+        try:
+            parquet = pq.ParquetFile(self.path)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{self.name}: not a readable Parquet file ({exc})") from exc
+        with parquet:
+            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            group_ends = np.cumsum(sizes, dtype=np.int64)
+            first_group = int(np.searchsorted(group_ends, first_row, side="right"))
+            if first_group >= len(sizes):
+                return
+            groups = list(range(first_group, len(sizes)))
+            row = int(group_ends[first_group - 1]) if first_group else 0
+            for batch in parquet.iter_batches(batch_size=max_records, row_groups=groups):
+                skip = min(max(first_row - row, 0), batch.num_rows)
+                rows = batch.slice(skip)
+                row += batch.num_rows
+                if rows.num_rows == 0:
+                    continue
+                n = rows.num_rows
+                yield TypedBatch(
+                    partition=0,
+                    buffer=b"",
+                    starts=np.zeros(n, dtype=np.int64),
+                    ends=np.zeros(n, dtype=np.int64),
+                    offsets=np.arange(row - n, row, dtype=np.int64),
+                    seqs=np.zeros(n, dtype=np.int32),
+                    source=self.name,
+                    next_offset=row,
+                    rows=rows,
+                )
+
+
+def _line_blocks(stream: BinaryIO) -> Iterator[tuple[bytes, int]]:
+    """Blocks of whole lines (the last one may lack its ``\\n``) and their first line number."""
+    line_no = 0
+    tail = b""
+    while True:
+        data = stream.read(READ_BYTES)
+        if not data:
+            break
+        block = tail + data
+        cut = block.rfind(b"\n")
+        if cut == -1:
+            tail = block
+            continue
+        whole, tail = block[: cut + 1], block[cut + 1 :]
+        yield whole, line_no
+        line_no += whole.count(b"\n")
+    if tail:
+        yield tail, line_no
+
+
+def _lines(block: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (without ``\\n`` or ``\\r\\n``) of every line of a block."""
+    arr = np.frombuffer(block, dtype=np.uint8)
+    newlines = np.flatnonzero(arr == _NEWLINE)
+    ends = newlines if block.endswith(b"\n") else np.append(newlines, len(block))
+    starts = np.concatenate([[0], newlines + 1])[: ends.shape[0]].astype(np.int64)
+    ends = ends.astype(np.int64)
+    has_cr = (ends > starts) & (arr[np.maximum(ends - 1, 0)] == _RETURN)
+    return starts, ends - has_cr
+
+
+def _blank_lines(block: bytes, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Empty or whitespace-only lines; only lines not starting with ``{`` are looked at."""
+    arr = np.frombuffer(block, dtype=np.uint8)
+    blank = ends == starts
+    first = arr[np.minimum(starts, max(len(block) - 1, 0))] if len(block) else starts
+    for j in np.flatnonzero(~blank & (first != _OPEN_BRACE)):
+        blank[j] = not block[int(starts[j]) : int(ends[j])].strip(_BLANK)
+    return blank

@@ -1,0 +1,124 @@
+"""``file:`` sources: line numbering, blank lines, compression, Parquet, resumption, errors."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gpu_pipeline.decode.base import TypedBatch
+from gpu_pipeline.decode.json import ArrowJsonDecoder
+from gpu_pipeline.errors import ConfigError, SourceError
+from gpu_pipeline.sources import files
+from gpu_pipeline.sources.base import RawBatch
+from gpu_pipeline.sources.files import FileSource
+from gpu_pipeline.sources.synthetic import generate_arrow, generate_ndjson_chunks
+
+TEXT = b'{"a":0}\n\n{"a":2}\r\n   \t\n  {"a":4}\nnot json\n\r\n{"a":7}'
+"""Records at lines 0, 2, 4, 5 and 7; lines 1, 3 and 6 are blank; no final newline."""
+EXPECTED = [(0, b'{"a":0}'), (2, b'{"a":2}'), (4, b'  {"a":4}'), (5, b"not json"), (7, b'{"a":7}')]
+
+
+def records(batches: list[RawBatch]) -> list[tuple[int, bytes]]:
+    return [(int(b.offsets[i]), b.record(i)) for b in batches for i in range(len(b))]
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(gzip.compress(data) if path.suffix.lower() == ".gz" else data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["x.ndjson", "x.jsonl", "x.json", "x.ndjson.gz", "X.JSONL.GZ"])
+def test_records_keep_their_line_numbers_and_blank_lines_are_skipped(
+    tmp_path: Path, name: str
+) -> None:
+    source = FileSource(f"file:{write(tmp_path / name, TEXT)}")
+    batches = list(source.batches(100, {}))
+    assert records(batches) == EXPECTED
+    assert batches[-1].next_offset == 8
+    assert all(b.partition == 0 and b.source == source.name for b in batches)
+
+
+@pytest.mark.parametrize("read_bytes", [1, 3, 7, 64])
+def test_block_boundaries_do_not_change_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_bytes: int
+) -> None:
+    monkeypatch.setattr(files, "READ_BYTES", read_bytes)
+    path = write(tmp_path / "x.ndjson.gz", TEXT)
+    assert records(list(FileSource(path).batches(2, {}))) == EXPECTED
+
+
+def test_batches_respect_max_records_and_resume(tmp_path: Path) -> None:
+    path = write(tmp_path / "x.ndjson", TEXT)
+    source = FileSource(path)
+    batches = list(source.batches(2, {}))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    for start in range(9):
+        resumed = records(list(source.batches(2, {0: start})))
+        assert resumed == [r for r in EXPECTED if r[0] >= start]
+    assert list(source.batches(2, {1: 99})) != [], "other partitions' offsets are ignored"
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b"\n\n  \n\t\r\n", b"   "])
+def test_files_without_records_yield_no_batches(tmp_path: Path, data: bytes) -> None:
+    for name in ("empty.ndjson", "empty.ndjson.gz"):
+        assert list(FileSource(write(tmp_path / name, data)).batches(10, {})) == []
+
+
+def test_a_large_generated_file_reads_back_exactly(tmp_path: Path) -> None:
+    data = b"".join(generate_ndjson_chunks(30_000, 4))
+    path = write(tmp_path / "big.ndjson.gz", data)
+    batches = list(FileSource(path).batches(7_000, {}))
+    assert [r for _, r in records(batches)] == data.split(b"\n")[:-1]
+    assert np.concatenate([b.offsets for b in batches]).tolist() == list(range(30_000))
+
+
+def test_missing_file_is_a_source_error(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no such file"):
+        FileSource(tmp_path / "absent.ndjson")
+
+
+def test_unknown_format_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="source"):
+        FileSource(write(tmp_path / "x.csv", b"a,b\n"))
+
+
+def test_corrupt_gzip_is_a_source_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.ndjson.gz"
+    path.write_bytes(gzip.compress(TEXT)[:-12])
+    with pytest.raises(SourceError, match="read failed"):
+        list(FileSource(path).batches(10, {}))
+
+
+def test_bad_batch_size_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        list(FileSource(write(tmp_path / "x.ndjson", TEXT)).batches(0, {}))
+
+
+def test_parquet_rows_decode_to_the_generated_events(tmp_path: Path) -> None:
+    table = pa.Table.from_batches(list(generate_arrow(8_000, 2)))
+    path = tmp_path / "events.parquet"
+    pq.write_table(table, path, row_group_size=1_500)
+    source = FileSource(f"file:{path}")
+    decoder = ArrowJsonDecoder(threads=1)
+    for start in (0, 1, 1_499, 1_500, 4_321, table.num_rows):
+        batches = list(source.batches(1_000, {0: start}))
+        assert all(isinstance(b, TypedBatch) and len(b) <= 1_000 for b in batches)
+        results = [decoder.decode(b) for b in batches]
+        if start == table.num_rows:
+            assert results == []
+            continue
+        events = pa.concat_tables([r.events for r in results])
+        assert sum(r.dead.num_rows for r in results) == 0
+        assert events.select(table.column_names).equals(table.slice(start))
+        assert events.column("offset").to_pylist() == list(range(start, table.num_rows))
+        assert batches[-1].next_offset == table.num_rows
+
+
+def test_unreadable_parquet_is_a_source_error(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="Parquet"):
+        list(FileSource(write(tmp_path / "x.parquet", b"not parquet")).batches(10, {}))
