@@ -1,3 +1,3 @@
-"""gpu-pipeline: clickstream analytics from Kafka to ClickHouse on one kernel source for GPU and CPU."""
+"""gpu-pipeline: clickstream analytics, Kafka to ClickHouse, one kernel source for GPU and CPU."""
 
 __version__ = "0.1.0"

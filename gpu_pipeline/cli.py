@@ -36,6 +36,7 @@ _RUN_HELP = {
     "idle_timeout_ms": "Kafka: how long without messages counts as idle, e.g. 5s",
     "max_batch_bytes": "Kafka: bytes per micro-batch",
     "max_batch_wait_ms": "Kafka: longest wait to fill a micro-batch, e.g. 500ms",
+    "dead_letter_topic": "Kafka: also produce dead letters to this topic (headers: origin)",
 }
 _BOOLEAN = {"fresh", "until_idle"}
 _FLAG_NAMES = {

@@ -168,6 +168,7 @@ class RunConfig:
     idle_timeout_ms: int = 5_000
     max_batch_bytes: int = 64 << 20
     max_batch_wait_ms: int = 500
+    dead_letter_topic: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def semantics(self) -> Semantics:
@@ -202,6 +203,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "idle_timeout_ms": parse_duration_ms,
     "max_batch_bytes": _positive_int,
     "max_batch_wait_ms": parse_duration_ms,
+    "dead_letter_topic": _text,
 }
 OPTION_NAMES: tuple[str, ...] = tuple(_PARSERS)
 _ALIASES = {

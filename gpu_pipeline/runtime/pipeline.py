@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -30,6 +31,7 @@ from gpu_pipeline.backend.base import Backend
 from gpu_pipeline.config import RunConfig, redact
 from gpu_pipeline.decode.base import Decoder
 from gpu_pipeline.errors import ConfigError
+from gpu_pipeline.operators.watermark import NEG_INF
 from gpu_pipeline.runtime.faults import crash_point
 from gpu_pipeline.runtime.metrics import ProgressDisplay, RunMetrics
 from gpu_pipeline.runtime.partition import BatchOutput, PartitionProcessor
@@ -60,9 +62,9 @@ def open_source(config: RunConfig) -> Source:
 
         return FileSource(config.source[len("file:") :])
     if config.source.startswith("kafka://"):
-        from gpu_pipeline.sources.kafka import KafkaSource
-
-        return KafkaSource.from_config(config)
+        raise ConfigError(
+            "source", "a Kafka source is opened by the Pipeline (it needs checkpoints)"
+        )
     raise ConfigError("source", f"unsupported source {config.source!r}")
 
 
@@ -116,6 +118,9 @@ class Pipeline:
         self.positions: dict[int, int] = {}
         self.metrics = RunMetrics()
         self.source: Source | None = None
+        self.journal: Any = None
+        self.dead_letter_queue: Any = None
+        self._topic = ""
         self._checkpointed: dict[int, int] = {}
         self._partition_counters: dict[int, dict[str, int]] = {}
         self._stop = threading.Event()
@@ -172,11 +177,13 @@ class Pipeline:
                 if not stopped:
                     self._flush_all()
                 self.checkpoint()
-                if not stopped and source.bounded:
+                if not stopped and source.bounded and not self.config.source.startswith("kafka://"):
                     self.store.mark_complete()
                 display.update(self.metrics, self._detail())
         finally:
             source.close()
+            if self.dead_letter_queue is not None:
+                self.dead_letter_queue.close()
         return RunResult(self.metrics, self.backend.name, not stopped, stopped=stopped)
 
     def _open_source(self) -> Source:
@@ -184,9 +191,18 @@ class Pipeline:
             from gpu_pipeline.sources.kafka import KafkaSource
             from gpu_pipeline.state.journal import BatchJournal
 
+            self.journal = BatchJournal(self.store.directory / "journal")
+            if self.config.dead_letter_topic:
+                from gpu_pipeline.sources.kafka import parse_kafka_url
+                from gpu_pipeline.sources.kafka_producer import DeadLetterProducer
+
+                bootstrap, self._topic, _ = parse_kafka_url(self.config.source, "source")
+                self.dead_letter_queue = DeadLetterProducer(
+                    bootstrap, self.config.dead_letter_topic
+                )
             return KafkaSource.from_config(
                 self.config,
-                journal=BatchJournal(self.store.directory / "journal"),
+                journal=self.journal,
                 resume=self._resume,
                 on_revoke=self._on_revoke,
             )
@@ -233,6 +249,8 @@ class Pipeline:
         output = self._processor(raw.partition).process(decoded.events)
         if decoded.dead.num_rows:
             output.tables["dead_letters"] = decoded.dead
+            if self.dead_letter_queue is not None:
+                self.dead_letter_queue.send(decoded.dead, self._topic)
         first = int(raw.offsets[0]) if len(raw) else raw.next_offset
         counts = self._write(
             raw.partition, output, f"{self.job_id}:{raw.partition}:{first}-{raw.next_offset}"
@@ -296,13 +314,22 @@ class Pipeline:
                 ),
             )
             self._checkpointed[partition] = self._checkpointed.get(partition, 0) + 1
+            if self.journal is not None:
+                self.journal.truncate(partition, self.positions[partition])
         crash_point("after_checkpoint")
         if self.source is not None:
             self.source.commit({p: self.positions[p] for p in chosen if p in self.positions})
 
     def _detail(self) -> str:
         c = self.metrics.counters
-        return f"dead {c['dead_letters']:,}  dup {c['duplicates']:,}  late {c['late']:,}"
+        text = f"dead {c['dead_letters']:,}  dup {c['duplicates']:,}  late {c['late']:,}"
+        lag = getattr(self.source, "lag", None)
+        if lag is not None:
+            text += f"  lag {sum(lag().values()):,}"
+        marks = [p.watermark.current() for p in self.processors.values()]
+        if marks and min(marks) > NEG_INF:
+            text += f"  watermark {_iso(min(marks))}"
+        return text
 
     def describe_sink(self) -> str:
         """The sink, for logs (passwords redacted)."""
@@ -311,6 +338,10 @@ class Pipeline:
     def close(self) -> None:
         """Close the sink."""
         self.sink.close()
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _rows(output: BatchOutput, table: str) -> int:
