@@ -29,6 +29,8 @@ NEEDS_PRICE: frozenset[str] = frozenset({"add_to_cart", "purchase"})
 DEVICES: tuple[str, ...] = ("desktop", "mobile", "tablet")
 
 MAX_EVENT_ID_CHARS = 64
+MAX_TS_MS = 10_413_791_999_999
+"""2299-12-31T23:59:59.999Z: the latest accepted event time (the end of ClickHouse DateTime64)."""
 MAX_PRICE = 1e9
 """Largest accepted unit price; larger values are dead letters (keeps revenue sums exact)."""
 MAX_QUANTITY = 1_000_000

@@ -35,8 +35,8 @@ from gpu_pipeline.semantics import Semantics, WindowSpec
 Record = tuple[int, int, bytes]
 """One raw record of a partition: (offset, seq, raw bytes)."""
 
-MAX_TS_MS = 253_402_300_799_999
-"""9999-12-31T23:59:59.999Z, the largest accepted event time."""
+MAX_TS_MS = 10_413_791_999_999
+"""2299-12-31T23:59:59.999Z, the largest accepted event time (ClickHouse DateTime64 ends there)."""
 MAX_TEXT_CHARS = 4096
 """Longest accepted ``page``, ``category`` and ``referrer``."""
 MAX_JSON_DEPTH = 512
@@ -323,7 +323,7 @@ def _ts(value: Any) -> int:
             f"ts: expected an RFC 3339 UTC string or integer epoch ms, got {_json_type(value)}"
         )
     if not 0 <= ts_ms <= MAX_TS_MS:
-        raise _Invalid(f"ts: {ts_ms} ms is outside 1970-01-01 .. 9999-12-31")
+        raise _Invalid(f"ts: {ts_ms} ms is outside 1970-01-01 .. 2299-12-31")
     return ts_ms
 
 

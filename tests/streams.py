@@ -237,7 +237,7 @@ CORRUPTIONS: tuple[tuple[str, Corruption], ...] = (
     ("ts", _with(ts=...)),
     ("ts", _with(ts=1.5e12)),
     ("ts", _with(ts=-1)),
-    ("ts", _with(ts=253_402_300_800_000)),
+    ("ts", _with(ts=10_413_792_000_000)),
     ("ts", _with(ts="2026-02-30T00:00:00Z")),
     ("ts", _with(ts="2026-11-25T12:00:00z")),
     ("ts", _with(ts="2026-11-25 12:00:00Z")),
@@ -330,7 +330,7 @@ class _PartitionBuilder:
         return self.rng.choices(schema.EVENT_TYPES, weights=weights)[0]
 
     def _emit(self, event_id: str, user_id: int, ts_ms: int) -> bytes:
-        ts_ms = max(0, min(ts_ms, 253_402_300_799_999))
+        ts_ms = max(0, min(ts_ms, 10_413_791_999_999))
         self.max_ts_ms = ts_ms if self.max_ts_ms is None else max(self.max_ts_ms, ts_ms)
         self.user_last_ts[user_id] = max(ts_ms, self.user_last_ts.get(user_id, ts_ms))
         self.seen.append((event_id, ts_ms))

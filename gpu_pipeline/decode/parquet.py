@@ -27,7 +27,7 @@ TEXT_FIELDS = frozenset(FIELD_ORDER) - INT_FIELDS - {"ts", "price"}
 RULES: dict[str, str] = {
     "event_id": f"required; a string of 1 to {schema.MAX_EVENT_ID_CHARS} characters",
     "user_id": "required; an integer in [0, 2**63)",
-    "ts": "required; a UTC time from 1970-01-01 to 9999-12-31 with at most ms precision",
+    "ts": "required; a UTC time from 1970-01-01 to 2299-12-31 with at most ms precision",
     "event_type": f"required; one of {', '.join(schema.EVENT_TYPES)}",
     "page": "at most 4096 characters",
     "product_id": "an integer in [0, 2**63), required for "

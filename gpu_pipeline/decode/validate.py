@@ -50,8 +50,8 @@ FIELD_ORDER: tuple[str, ...] = (
 
 MAX_TEXT_CHARS = 4096
 """Longest accepted ``page``, ``category`` and ``referrer`` (code points)."""
-MAX_TS_MS = 253_402_300_799_999
-"""9999-12-31T23:59:59.999Z, the latest accepted event time."""
+MAX_TS_MS = schema.MAX_TS_MS
+"""2299-12-31T23:59:59.999Z, the latest accepted event time (ClickHouse DateTime64's range)."""
 MAX_NESTING = 512
 """Deepest accepted nesting of arrays and objects in a record."""
 INT_LIMIT = 2**63
@@ -253,7 +253,7 @@ def _check_ts(value: Any) -> tuple[str | None, int]:
     else:
         return _type_error("an RFC 3339 string or integer epoch milliseconds", value), 0
     if not 0 <= ms <= MAX_TS_MS:
-        return "out of range [1970-01-01, 9999-12-31]", 0
+        return "out of range [1970-01-01, 2299-12-31]", 0
     return None, ms
 
 

@@ -107,7 +107,7 @@ ADVERSARIAL: list[bytes] = [
     *(
         GOOD.replace(b'"2026-11-25T12:00:00.1Z"', ts)
         for ts in (
-            b'"9999-12-31T23:59:59.999Z"',
+            b'"2299-12-31T23:59:59.999Z"',
             b'"1970-01-01T00:00:00Z"',
             b'"1969-12-31T23:59:59.999Z"',
             b'"0000-01-01T00:00:00Z"',
@@ -134,8 +134,8 @@ ADVERSARIAL: list[bytes] = [
             b"1795564800000",
             b"0",
             b"-1",
-            b"253402300799999",
-            b"253402300800000",
+            b"10413791999999",
+            b"10413792000000",
             b"1795564800000.0",
             b"1.7e12",
             b" 1795564800000",
@@ -205,12 +205,12 @@ TS_VALUES = st.one_of(
     st.builds(
         ts_text,
         st.datetimes(
-            min_value=datetime(1969, 12, 31), max_value=datetime(9999, 12, 31, 23, 59, 59)
+            min_value=datetime(1969, 12, 31), max_value=datetime(2299, 12, 31, 23, 59, 59)
         ),
         st.integers(0, 3),
     ),
     st.integers(-5, 253_402_300_800_005),
-    st.sampled_from([0, 253_402_300_799_999, 253_402_300_800_000, -1]),
+    st.sampled_from([0, 10_413_791_999_999, 10_413_792_000_000, -1]),
     st.text(max_size=26),
     ANY_JSON,
 )
@@ -242,10 +242,10 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
 VALID_TS = st.one_of(
     st.builds(
         ts_text,
-        st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)),
+        st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2299, 12, 31, 23, 59, 59)),
         st.integers(0, 3),
     ),
-    st.integers(0, 253_402_300_799_999),
+    st.integers(0, 10_413_791_999_999),
 )
 VALID_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "event_id": st.text(min_size=1, max_size=64),
@@ -352,7 +352,7 @@ def test_columnar_rules_agree_with_the_validator(record: bytes) -> None:
 def test_ts_strings_at_calendar_boundaries() -> None:
     """Every day boundary of a leap cycle and both ends of the range parse exactly."""
     moments = [datetime(1970, 1, 1, tzinfo=UTC) + timedelta(days=d) for d in range(0, 1461 * 2, 7)]
-    moments += [datetime(9999, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC)]
+    moments += [datetime(2299, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC)]
     lines = [
         GOOD.replace(b"2026-11-25T12:00:00.1Z", ts_text(m - timedelta(milliseconds=1), 3).encode())
         for m in moments[1:]
