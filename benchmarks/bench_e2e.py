@@ -25,16 +25,31 @@ CLI = [sys.executable, "-m", "gpu_pipeline.cli"]
 
 def generate(path: Path, events: int, seed: int) -> float:
     start = time.perf_counter()
-    subprocess.run(CLI + ["generate", "--events", str(events), "--seed", str(seed), "--out", str(path)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        CLI + ["generate", "--events", str(events), "--seed", str(seed), "--out", str(path)],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 
 def run_pipeline(source: Path, work: Path, batch_size: int, threads: int) -> dict[str, object]:
     cmd = CLI + [
-        "run", "--source", f"file:{source}", "--sink", f"chdb://{work / 'ch'}",
-        "--checkpoint-dir", str(work / "ckpt"), "--engine", "cpu", "--batch-size", str(batch_size),
-        "--progress", "never", "--checkpoint-interval", "10s",
+        "run",
+        "--source",
+        f"file:{source}",
+        "--sink",
+        f"chdb://{work / 'ch'}",
+        "--checkpoint-dir",
+        str(work / "ckpt"),
+        "--engine",
+        "cpu",
+        "--batch-size",
+        str(batch_size),
+        "--progress",
+        "never",
+        "--checkpoint-interval",
+        "10s",
     ]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -75,16 +90,27 @@ def main() -> None:
         size_mb = source.stat().st_size / 1e6
         result = run_pipeline(source, work, args.batch_size, args.threads)
     rate = args.events / float(result["elapsed_s"])  # type: ignore[arg-type]
-    print(f"| events | file MB | generate s | pipeline s | events/s | peak RSS MiB |")
-    print(f"|---|---|---|---|---|---|")
-    print(f"| {args.events:,} | {size_mb:,.0f} | {gen_s:.2f} | {result['elapsed_s']:.2f} | {rate:,.0f} | {result['peak_rss_mib']:,.0f} |")
+    print("| events | file MB | generate s | pipeline s | events/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| {args.events:,} | {size_mb:,.0f} | {gen_s:.2f} | {result['elapsed_s']:.2f} "
+        f"| {rate:,.0f} | {result['peak_rss_mib']:,.0f} |"
+    )
     if args.json:
-        args.json.write_text(json.dumps({
-            "events": args.events, "file_mb": size_mb, "generate_s": gen_s,
-            "elapsed_s": result["elapsed_s"], "events_per_s": rate,
-            "peak_rss_mib": result["peak_rss_mib"], "rss_samples": result["rss_samples"],
-            "batch_size": args.batch_size,
-        }))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "events": args.events,
+                    "file_mb": size_mb,
+                    "generate_s": gen_s,
+                    "elapsed_s": result["elapsed_s"],
+                    "events_per_s": rate,
+                    "peak_rss_mib": result["peak_rss_mib"],
+                    "rss_samples": result["rss_samples"],
+                    "batch_size": args.batch_size,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

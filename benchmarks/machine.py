@@ -32,7 +32,10 @@ def gpu_description() -> str:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
         return out.stdout.strip() or "none"
     except (OSError, subprocess.SubprocessError):
@@ -50,7 +53,16 @@ def describe() -> dict[str, str]:
         "python": platform.python_version(),
         "versions": ", ".join(
             f"{p} {_version(p)}"
-            for p in ("numpy", "pyarrow", "chdb", "clickhouse-connect", "pandas", "polars", "duckdb", "cupy-cuda12x")
+            for p in (
+                "numpy",
+                "pyarrow",
+                "chdb",
+                "clickhouse-connect",
+                "pandas",
+                "polars",
+                "duckdb",
+                "cupy-cuda12x",
+            )
         ),
     }
 

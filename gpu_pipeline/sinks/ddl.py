@@ -57,7 +57,7 @@ _WINDOW_COMMENTS: dict[str, str] = {
     "revenue": "Sum of price * quantity over the purchase events of this row",
     "users": "Exact number of distinct user_id among the counted events of this partition",
     "partition": "Source partition; rows are partial per partition and add up across them",
-    "version": "Write number of this window: 1 on the first write, +1 per on-time event arriving after its end",
+    "version": "Write number of this window: 1 on the first write, +1 per later on-time event",
 }
 
 COLUMN_COMMENTS: dict[str, dict[str, str]] = {
