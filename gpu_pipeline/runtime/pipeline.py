@@ -18,6 +18,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,12 +30,13 @@ import pyarrow as pa
 from gpu_pipeline.backend import select_backend
 from gpu_pipeline.backend.base import Backend
 from gpu_pipeline.config import RunConfig, redact
-from gpu_pipeline.decode.base import Decoder
+from gpu_pipeline.decode.base import Decoder, DecodeResult
 from gpu_pipeline.errors import ConfigError
 from gpu_pipeline.operators.watermark import NEG_INF
 from gpu_pipeline.runtime.faults import crash_point
 from gpu_pipeline.runtime.metrics import ProgressDisplay, RunMetrics
 from gpu_pipeline.runtime.partition import BatchOutput, PartitionProcessor
+from gpu_pipeline.runtime.prefetch import prefetch
 from gpu_pipeline.sinks.base import Sink, open_sink
 from gpu_pipeline.sources.base import RawBatch, Source
 from gpu_pipeline.state.checkpoint import CheckpointStore, PartitionCheckpoint
@@ -162,8 +164,8 @@ class Pipeline:
         last_checkpoint = time.monotonic()
         try:
             with ProgressDisplay(progress or self.config.progress, total) as display:
-                for raw in source.batches(self.config.batch_size, dict(self.positions)):
-                    self._process_batch(raw)
+                for raw, decoded in self._decoded_batches(source):
+                    self._process_batch(raw, decoded)
                     display.update(self.metrics, self._detail())
                     if self._stop.is_set():
                         break
@@ -244,8 +246,14 @@ class Pipeline:
             self.processors[partition] = PartitionProcessor(partition, self.semantics, self.backend)
         return self.processors[partition]
 
-    def _process_batch(self, raw: RawBatch) -> None:
-        decoded = self.decoder.decode(raw)
+    def _decoded_batches(self, source: Source) -> Iterator[tuple[RawBatch, DecodeResult]]:
+        """Batches with their decoding; read and decoded ahead on a thread unless Kafka."""
+        batches = source.batches(self.config.batch_size, dict(self.positions))
+        if self.config.source.startswith("kafka://"):
+            return ((raw, self.decoder.decode(raw)) for raw in batches)
+        return prefetch(batches, self.decoder.decode)
+
+    def _process_batch(self, raw: RawBatch, decoded: DecodeResult) -> None:
         output = self._processor(raw.partition).process(decoded.events)
         if decoded.dead.num_rows:
             output.tables["dead_letters"] = decoded.dead
