@@ -25,6 +25,7 @@ import pyarrow.ipc as ipc
 
 from gpu_pipeline.errors import CheckpointError
 from gpu_pipeline.runtime.faults import crash_point
+from gpu_pipeline.state.durable import fsync_directory, write_durably
 
 CURRENT = "CURRENT"
 COMPLETE = "COMPLETE"
@@ -107,15 +108,15 @@ class CheckpointStore:
             "counters": checkpoint.counters,
             "batch_size": checkpoint.batch_size,
         }
-        _write_bytes(staging / "manifest.json", json.dumps(manifest, indent=1).encode())
-        _fsync_dir(staging)
+        write_durably(staging / "manifest.json", json.dumps(manifest, indent=1).encode())
+        fsync_directory(staging)
         target = folder / name
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
         pointer_tmp = folder / f".{CURRENT}.tmp"
-        _write_bytes(pointer_tmp, name.encode())
+        write_durably(pointer_tmp, name.encode())
         os.replace(pointer_tmp, folder / CURRENT)
-        _fsync_dir(folder)
+        fsync_directory(folder)
         for entry in folder.iterdir():
             if entry.name.startswith(("ckpt-", ".ckpt-")) and entry.name != name:
                 shutil.rmtree(entry, ignore_errors=True)
@@ -127,8 +128,8 @@ class CheckpointStore:
     def mark_complete(self) -> None:
         """Record that the job ran to its end (a rerun is then a no-op)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_bytes(self.directory / COMPLETE, self.job_id.encode())
-        _fsync_dir(self.directory)
+        write_durably(self.directory / COMPLETE, self.job_id.encode())
+        fsync_directory(self.directory)
 
     def reset(self) -> None:
         """Forget every checkpoint of this job (``--fresh``)."""
@@ -146,18 +147,3 @@ def _write_table(path: Path, table: pa.Table) -> None:
 def _read_table(path: Path) -> pa.Table:
     with ipc.open_file(pa.OSFile(str(path), "rb")) as reader:
         return reader.read_all()
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

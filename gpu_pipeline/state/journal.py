@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 from gpu_pipeline.errors import CheckpointError
+from gpu_pipeline.state.durable import fsync_directory
 
 _LINE_RE = re.compile(rb"(\d+) (\d+) ([0-9a-f]{8})")
 
@@ -40,15 +41,6 @@ def _decode(line: bytes) -> tuple[int, int] | None:
     if f"{zlib.crc32(body):08x}".encode() != match.group(3):
         return None
     return int(match.group(1)), int(match.group(2))
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a file creation or rename in ``directory`` durable (POSIX needs the dir fsynced)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _PartitionLog:
@@ -77,7 +69,7 @@ class _PartitionLog:
             os.fsync(fd)
         if created:
             os.fsync(fd)
-            _fsync_directory(self.path.parent)
+            fsync_directory(self.path.parent)
         return fd
 
     def append(self, first: int, next_offset: int) -> None:
@@ -100,7 +92,7 @@ class _PartitionLog:
             os.fsync(out.fileno())
         os.close(self._file)
         os.replace(temporary, self.path)
-        _fsync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
         self._file = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self.entries = list(entries)
 
