@@ -156,8 +156,11 @@ class Pipeline:
             for partition in self.store.partitions():
                 self._resume(partition)
             return RunResult(self.metrics, self.backend.name, True, already_complete=True)
-        for partition in self.store.partitions():
-            self._resume(partition)
+        if not self.config.source.startswith("kafka://"):
+            # Kafka partitions are restored when assigned (the source calls _resume),
+            # so a consumer never touches the state of partitions another one owns.
+            for partition in self.store.partitions():
+                self._resume(partition)
         source = self._open_source()
         self.source = source
         total = self.config.events if self.config.source == "synthetic" else None
@@ -240,6 +243,11 @@ class Pipeline:
         for partition in partitions:
             self.processors.pop(partition, None)
             self.positions.pop(partition, None)
+            # its counters come back with its checkpoint if it is assigned here again
+            for key, value in self._partition_counters.pop(partition, {}).items():
+                self.metrics.counters[key] = self.metrics.counters.get(key, 0) - value
+            if self.journal is not None:
+                self.journal.forget(partition)
 
     def _processor(self, partition: int) -> PartitionProcessor:
         if partition not in self.processors:

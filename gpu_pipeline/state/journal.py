@@ -171,6 +171,16 @@ class BatchJournal:
         if len(kept) != len(log.entries):
             log.rewrite(kept)
 
+    def forget(self, partition: int) -> None:
+        """Drop the cached log of a partition that moved to another consumer.
+
+        Its file is re-read if the partition comes back, since the other consumer may
+        have appended to or rewritten it meanwhile.
+        """
+        log = self._logs.pop(partition, None)
+        if log is not None:
+            log.close()
+
     def close(self) -> None:
         """Close the journal files (entries are durable already)."""
         for log in self._logs.values():
