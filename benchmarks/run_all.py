@@ -32,7 +32,10 @@ def run(script: str, args: list[str]) -> str:
     took = time.perf_counter() - start
     if result.returncode != 0:
         return f"**failed** (exit {result.returncode}):\n```\n{result.stderr[-2000:]}\n```\n"
-    return result.stdout.strip() + f"\n\n_({script} {' '.join(args)}: {took:.0f} s)_\n"
+    output = result.stdout.strip()
+    if not output.startswith("|"):  # plain-text tables keep their alignment in a code block
+        output = f"```text\n{output}\n```"
+    return output + f"\n\n_({script} {' '.join(args)}: {took:.0f} s)_\n"
 
 
 def plot_rss(samples: list[list[float]], path: Path, title: str) -> bool:
