@@ -35,7 +35,9 @@ def run(script: str, args: list[str]) -> str:
     output = result.stdout.strip()
     if not output.startswith("|"):  # plain-text tables keep their alignment in a code block
         output = f"```text\n{output}\n```"
-    shown = " ".join(str(Path(a).relative_to(HERE.parent)) if a.startswith(str(HERE)) else a for a in args)
+    shown = " ".join(
+        str(Path(a).relative_to(HERE.parent)) if a.startswith(str(HERE)) else a for a in args
+    )
     return output + f"\n\n_({script} {shown}: {took:.0f} s)_\n"
 
 
