@@ -8,7 +8,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gpu_pipeline.config import _non_negative_int, _positive_int
+from gpu_pipeline.config import non_negative_int, positive_int
 
 
 def _progress(console: Console) -> Progress:
@@ -24,16 +24,16 @@ def _progress(console: Console) -> Progress:
 
 def generate(args: argparse.Namespace, console: Console) -> int:
     """Write ``--events`` records of seed ``--seed`` to ``--out``."""
-    events = _non_negative_int("events", args.events)
-    seed = _non_negative_int("seed", args.seed)
+    events = non_negative_int("events", args.events)
+    seed = non_negative_int("seed", args.seed)
     out: str = args.out
     err = Console(stderr=True)
     start = time.perf_counter()
     if out.startswith("kafka://"):
         from gpu_pipeline.sources.kafka_producer import produce_synthetic
 
-        rate = _positive_int("rate", args.rate) if args.rate is not None else None
-        partitions = _positive_int("partitions", args.partitions) if args.partitions else None
+        rate = positive_int("rate", args.rate) if args.rate is not None else None
+        partitions = positive_int("partitions", args.partitions) if args.partitions else None
         with _progress(err) as bar:
             task = bar.add_task("generate", total=events)
             produce_synthetic(

@@ -54,7 +54,8 @@ def parse_duration_ms(option: str, value: Any) -> int:
     return int(ms)
 
 
-def _positive_int(option: str, value: Any) -> int:
+def positive_int(option: str, value: Any) -> int:
+    """A positive integer (``1_000`` allowed in text); ConfigError naming ``option``."""
     try:
         number = int(str(value).replace("_", "")) if not isinstance(value, int) else value
     except ValueError:
@@ -64,12 +65,13 @@ def _positive_int(option: str, value: Any) -> int:
     return number
 
 
-def _non_negative_int(option: str, value: Any) -> int:
+def non_negative_int(option: str, value: Any) -> int:
+    """Zero or a positive integer; ConfigError naming ``option``."""
     if isinstance(value, str) and value.strip() == "0":
         return 0
     if value == 0 and not isinstance(value, bool):
         return 0
-    return _positive_int(option, value)
+    return positive_int(option, value)
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
@@ -186,10 +188,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "sink": _sink,
     "database": _identifier,
     "engine": _choice(("auto", "cpu", "gpu")),
-    "batch_size": _positive_int,
-    "events": _non_negative_int,
-    "seed": _non_negative_int,
-    "threads": _non_negative_int,
+    "batch_size": positive_int,
+    "events": non_negative_int,
+    "seed": non_negative_int,
+    "threads": non_negative_int,
     "checkpoint_dir": _text,
     "checkpoint_interval_ms": parse_duration_ms,
     "fresh": _boolean,
@@ -201,7 +203,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "group_id": _text,
     "until_idle": _boolean,
     "idle_timeout_ms": parse_duration_ms,
-    "max_batch_bytes": _positive_int,
+    "max_batch_bytes": positive_int,
     "max_batch_wait_ms": parse_duration_ms,
     "dead_letter_topic": _text,
 }
