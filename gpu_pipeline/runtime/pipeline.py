@@ -70,8 +70,12 @@ def open_source(config: RunConfig) -> Source:
     raise ConfigError("source", f"unsupported source {config.source!r}")
 
 
-def make_decoder(backend: Backend) -> Decoder:
-    """The decoder for the engine (pyarrow on the host; cuDF on the GPU when present)."""
+def make_decoder() -> Decoder:
+    """The decoder: pyarrow on the host for every engine.
+
+    The GPU engine moves the decoded columns to the device (its pure-CuPy path); a cuDF
+    decoder (``cudf.read_json`` on the device) is not built yet.
+    """
     from gpu_pipeline.decode.json import ArrowJsonDecoder
 
     return ArrowJsonDecoder()
@@ -115,7 +119,7 @@ class Pipeline:
         self.semantics = config.semantics()
         self.sink = sink or open_sink(config.sink, config.database)
         self.store = CheckpointStore(Path(config.checkpoint_dir) / self.job_id, self.job_id)
-        self.decoder = make_decoder(backend)
+        self.decoder = make_decoder()
         self.processors: dict[int, PartitionProcessor] = {}
         self.positions: dict[int, int] = {}
         self.metrics = RunMetrics()
