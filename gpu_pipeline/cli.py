@@ -37,6 +37,10 @@ _RUN_HELP = {
     "max_batch_bytes": "Kafka: bytes per micro-batch",
     "max_batch_wait_ms": "Kafka: longest wait to fill a micro-batch, e.g. 500ms",
     "dead_letter_topic": "Kafka: also produce dead letters to this topic (headers: origin)",
+    "idle_partition_timeout_ms": (
+        "Kafka, opt-in: after this long without messages a partition's watermark follows the "
+        "wall clock, so its windows and sessions close (not deterministic on replay)"
+    ),
 }
 _BOOLEAN = {"fresh", "until_idle"}
 _FLAG_NAMES = {
@@ -47,6 +51,7 @@ _FLAG_NAMES = {
     "checkpoint_interval_ms": "--checkpoint-interval",
     "idle_timeout_ms": "--idle-timeout",
     "max_batch_wait_ms": "--max-batch-wait",
+    "idle_partition_timeout_ms": "--idle-partition-timeout",
 }
 
 

@@ -171,6 +171,7 @@ class RunConfig:
     max_batch_bytes: int = 64 << 20
     max_batch_wait_ms: int = 500
     dead_letter_topic: str = ""
+    idle_partition_timeout_ms: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def semantics(self) -> Semantics:
@@ -206,6 +207,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max_batch_bytes": positive_int,
     "max_batch_wait_ms": parse_duration_ms,
     "dead_letter_topic": _text,
+    "idle_partition_timeout_ms": parse_duration_ms,
 }
 OPTION_NAMES: tuple[str, ...] = tuple(_PARSERS)
 _ALIASES = {
@@ -216,6 +218,7 @@ _ALIASES = {
     "checkpoint_interval": "checkpoint_interval_ms",
     "idle_timeout": "idle_timeout_ms",
     "max_batch_wait": "max_batch_wait_ms",
+    "idle_partition_timeout": "idle_partition_timeout_ms",
 }
 
 

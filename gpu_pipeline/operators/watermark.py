@@ -42,6 +42,10 @@ class Watermark:
         finite = before != NEG_INF
         return xp.where(finite, before - self.delay_ms, NEG_INF)
 
+    def advance(self, ts_ms: int) -> None:
+        """Count ``ts_ms`` as seen (the idle-partition policy's wall clock)."""
+        self._state.max_ts = max(self._state.max_ts, ts_ms)
+
     def current(self) -> int:
         """The watermark after the last event seen (NEG_INF before any)."""
         m = self._state.max_ts

@@ -76,6 +76,13 @@ class PartitionProcessor:
         self._close(self.watermark.current(), output)
         return output
 
+    def advance_idle(self, clock_ms: int) -> BatchOutput:
+        """Idle policy: treat ``clock_ms`` as event time seen, then close what it passes."""
+        self.watermark.advance(clock_ms)
+        output = BatchOutput()
+        self._close(self.watermark.current(), output)
+        return output
+
     def flush(self) -> BatchOutput:
         """End of input: the watermark goes to +infinity; every session and window is written."""
         output = BatchOutput()

@@ -262,10 +262,18 @@ class Pipeline:
         """Batches with their decoding; read and decoded ahead on a thread unless Kafka."""
         batches = source.batches(self.config.batch_size, dict(self.positions))
         if self.config.source.startswith("kafka://"):
-            return ((raw, self.decoder.decode(raw)) for raw in batches)
+            return ((raw, self._decode_unless_idle(raw)) for raw in batches)
         return prefetch(batches, self.decoder.decode)
 
+    def _decode_unless_idle(self, raw: RawBatch) -> DecodeResult:
+        return DecodeResult.empty() if raw.idle_clock_ms is not None else self.decoder.decode(raw)
+
     def _process_batch(self, raw: RawBatch, decoded: DecodeResult) -> None:
+        if raw.idle_clock_ms is not None:
+            output = self._processor(raw.partition).advance_idle(raw.idle_clock_ms)
+            token = f"{self.job_id}:{raw.partition}:idle@{raw.next_offset}:{raw.idle_clock_ms}"
+            self._count(raw.partition, self._write(raw.partition, output, token))
+            return
         output = self._processor(raw.partition).process(decoded.events)
         if decoded.dead.num_rows:
             output.tables["dead_letters"] = decoded.dead

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,9 @@ class RawBatch:
     seqs: np.ndarray
     source: str
     next_offset: int
+    idle_clock_ms: int | None = field(default=None, kw_only=True)
+    """Set on an empty batch that reports an idle partition (the opt-in idle policy): the
+    wall clock, in epoch ms, to which the partition's event time may advance."""
 
     def __len__(self) -> int:
         return int(self.starts.shape[0])

@@ -250,8 +250,10 @@ class _Partition:
     at_end: bool = False
     records: int = 0
     bytes: int = 0
+    quiet_since: float = field(default_factory=time.monotonic)
 
     def add(self, chunk: _Chunk) -> None:
+        self.quiet_since = time.monotonic()
         self.chunks.append(chunk)
         self.records += int(chunk.rec_cum[-1])
         self.bytes += int(chunk.msg_ends[-1])
@@ -356,6 +358,7 @@ class KafkaSource(Source):
         until_idle: bool,
         idle_timeout_ms: int,
         consumer_config: dict[str, Any] | None = None,
+        idle_partition_timeout_ms: int = 0,
     ) -> None:
         _require(bool(group_id), "group_id", "must not be empty")
         _require(max_bytes > 0, "max_batch_bytes", f"must be positive, got {max_bytes}")
@@ -371,6 +374,12 @@ class KafkaSource(Source):
         self.until_idle = until_idle
         self.bounded = until_idle  # only a --until-idle run ends by itself (then it flushes)
         self.idle_timeout_s = idle_timeout_ms / 1000
+        _require(
+            idle_partition_timeout_ms >= 0,
+            "idle_partition_timeout_ms",
+            f"must be >= 0, got {idle_partition_timeout_ms}",
+        )
+        self.idle_partition_timeout_s = idle_partition_timeout_ms / 1000
         config = _consumer_config(bootstrap, group_id, consumer_config or {})
         self._cooperative = _is_cooperative(config)
         self.consumer_config = dict(config)
@@ -418,6 +427,7 @@ class KafkaSource(Source):
             max_wait_ms=config.max_batch_wait_ms,
             until_idle=config.until_idle,
             idle_timeout_ms=config.idle_timeout_ms,
+            idle_partition_timeout_ms=config.idle_partition_timeout_ms,
             consumer_config=properties,
         )
 
@@ -444,6 +454,7 @@ class KafkaSource(Source):
                 yield batch
                 if self._stop.is_set():
                     return
+            yield from self._idle_ticks()
             if self.until_idle and self._idle():
                 return
             self._poll(self._poll_timeout())
@@ -458,6 +469,36 @@ class KafkaSource(Source):
                 if batch is None:
                     break
                 yield batch
+
+    def _idle_ticks(self) -> Iterator[RawBatch]:
+        """The opt-in idle policy: an empty batch for each partition quiet for the timeout.
+
+        It carries the wall clock, so the pipeline can advance that partition's watermark
+        and close its windows and sessions without new data (freshness over determinism:
+        when the tick comes depends on wall-clock time, so a replay may differ).
+        """
+        if self.idle_partition_timeout_s <= 0:
+            return
+        now = time.monotonic()
+        for partition in sorted(self._parts):
+            part = self._parts.get(partition)
+            if part is None or part.position is None or part.chunks or part.plan:
+                continue
+            if not part.at_end or now - part.quiet_since < self.idle_partition_timeout_s:
+                continue
+            part.quiet_since = now
+            empty = np.zeros(0, dtype=np.int64)
+            yield RawBatch(
+                partition=partition,
+                buffer=b"",
+                starts=empty,
+                ends=empty,
+                offsets=empty,
+                seqs=np.zeros(0, dtype=np.int32),
+                source=self.name,
+                next_offset=part.position,
+                idle_clock_ms=int(time.time() * 1000),
+            )
 
     def _cut(
         self, partition: int, part: _Partition, max_records: int, now: float
