@@ -74,7 +74,7 @@ def test_idle_partition_policy(kafka_bootstrap: str, tmp_path: Path, policy_ms: 
         checkpoint_dir=str(tmp_path / "ckpt"),
         engine="cpu",
         group_id=topic,
-        progress="never",
+        progress="always",  # also exercises the per-partition progress line (lag, watermark)
         max_batch_wait_ms=100,
         idle_partition_timeout_ms=policy_ms,
     )

@@ -77,6 +77,11 @@ class ProgressDisplay:
         if self._progress:
             self._progress.stop()
 
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is displayed (callers skip building details otherwise)."""
+        return self._progress is not None
+
     def update(self, metrics: RunMetrics, detail: str = "") -> None:
         """Refresh the bar with the current counters."""
         if self._progress:

@@ -129,6 +129,7 @@ class Pipeline:
         self._topic = ""
         self._checkpointed: dict[int, int] = {}
         self._partition_counters: dict[int, dict[str, int]] = {}
+        self._latency_ms: dict[int, float] = {}
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ control
@@ -173,7 +174,7 @@ class Pipeline:
             with ProgressDisplay(progress or self.config.progress, total) as display:
                 for raw, decoded in self._decoded_batches(source):
                     self._process_batch(raw, decoded)
-                    display.update(self.metrics, self._detail())
+                    display.update(self.metrics, self._detail() if display.enabled else "")
                     if self._stop.is_set():
                         break
                     if (
@@ -188,7 +189,7 @@ class Pipeline:
                 self.checkpoint()
                 if not stopped and source.bounded and not self.config.source.startswith("kafka://"):
                     self.store.mark_complete()
-                display.update(self.metrics, self._detail())
+                display.update(self.metrics, self._detail() if display.enabled else "")
         finally:
             source.close()
             if self.dead_letter_queue is not None:
@@ -269,6 +270,14 @@ class Pipeline:
         return DecodeResult.empty() if raw.idle_clock_ms is not None else self.decoder.decode(raw)
 
     def _process_batch(self, raw: RawBatch, decoded: DecodeResult) -> None:
+        started = time.perf_counter()
+        try:
+            self._run_batch(raw, decoded)
+        finally:
+            self._latency_ms[raw.partition] = (time.perf_counter() - started) * 1000
+
+    def _run_batch(self, raw: RawBatch, decoded: DecodeResult) -> None:
+        """Operators and sink writes of one batch (or an idle tick)."""
         if raw.idle_clock_ms is not None:
             output = self._processor(raw.partition).advance_idle(raw.idle_clock_ms)
             token = f"{self.job_id}:{raw.partition}:idle@{raw.next_offset}:{raw.idle_clock_ms}"
@@ -349,15 +358,25 @@ class Pipeline:
             self.source.commit({p: self.positions[p] for p in chosen if p in self.positions})
 
     def _detail(self) -> str:
+        """The progress line: counters, then per partition lag, watermark and batch latency."""
         c = self.metrics.counters
         text = f"dead {c['dead_letters']:,}  dup {c['duplicates']:,}  late {c['late']:,}"
-        lag = getattr(self.source, "lag", None)
-        if lag is not None:
-            text += f"  lag {sum(lag().values()):,}"
-        marks = [p.watermark.current() for p in self.processors.values()]
-        if marks and min(marks) > NEG_INF:
-            text += f"  watermark {_iso(min(marks))}"
-        return text
+        lag_of = getattr(self.source, "lag", None)
+        lags: dict[int, int] = lag_of() if lag_of is not None else {}
+        parts = []
+        for partition in sorted(self.processors)[:8]:
+            mark = self.processors[partition].watermark.current()
+            entry = f"p{partition}"
+            if partition in lags:
+                entry += f" lag {lags[partition]:,}"
+            if mark > NEG_INF:
+                entry += f" wm {_iso(mark)[11:]}"
+            if partition in self._latency_ms:
+                entry += f" {self._latency_ms[partition]:,.0f} ms"
+            parts.append(entry)
+        if len(self.processors) > 8:
+            parts.append(f"+{len(self.processors) - 8} more, lag {sum(lags.values()):,}")
+        return "  ".join([text, *parts])
 
     def describe_sink(self) -> str:
         """The sink, for logs (passwords redacted)."""
