@@ -109,7 +109,7 @@ while ((landed < KILLS)); do
   # shellcheck disable=SC2046
   "$GP" run $(run_args crashed) >>"$WORK/crashed.log" 2>&1 &
   RUN_PID=$!
-  delay=$(awk -v max="$MAX_DELAY" -v r="$RANDOM$RANDOM" 'BEGIN { srand(r); printf "%.2f", 0.1 + rand() * (max - 0.1) }')
+  delay=$(awk -v max="$MAX_DELAY" -v r="$RANDOM" 'BEGIN { srand(r); printf "%.2f", 0.1 + rand() * (max - 0.1) }')
   sleep "$delay"
   kill -9 "$RUN_PID" 2>/dev/null || true
   status=0
