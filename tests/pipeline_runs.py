@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from gpu_pipeline import schema
 from gpu_pipeline.sinks.clickhouse import ClickHouseSink, parse_sink_url
+from tests.engine_harness import assert_table_equal
 from tests.reference import Record, canonical, keep_final_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -223,19 +224,6 @@ def combine(parts: Iterable[Tables]) -> Tables:
             table = keep_final_versions(name, table)
         combined[name] = canonical(name, table)
     return combined
-
-
-def assert_table_equal(name: str, actual: pa.Table, expected: pa.Table) -> None:
-    """Row-by-row equality of one table, every column; the first differences on failure."""
-    a_rows = canonical(name, actual).to_pylist()
-    e_rows = canonical(name, expected).to_pylist()
-    if a_rows != e_rows:
-        missing = [r for r in e_rows if r not in a_rows][:3]
-        extra = [r for r in a_rows if r not in e_rows][:3]
-        raise AssertionError(
-            f"{name}: {len(a_rows)} rows vs {len(e_rows)} expected\n"
-            f"missing (first 3): {missing}\nunexpected (first 3): {extra}"
-        )
 
 
 def assert_same_tables(actual: Mapping[str, pa.Table], expected: Mapping[str, pa.Table]) -> None:
