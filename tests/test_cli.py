@@ -31,6 +31,15 @@ def cli(
     )
 
 
+def run_job(source: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``gpu-pipeline run`` of ``source`` on the CPU engine into this test's chdb folder."""
+    return cli(
+        "run", "--source", source, "--sink", f"chdb://{tmp_path / 'ch'}",
+        "--checkpoint-dir", str(tmp_path / "ckpt"), "--engine", "cpu", "--progress", "never",
+        *extra,
+    )  # fmt: skip
+
+
 def read_tables(sink_url: str) -> dict[str, pa.Table]:
     sink = open_sink(sink_url, "clickstream")
     try:
@@ -48,21 +57,7 @@ def test_generate_then_run_file_matches_reference(tmp_path: Path) -> None:
     gen = cli("generate", "--events", "30000", "--seed", "5", "--out", str(data))
     assert gen.returncode == 0, gen.stderr
     sink = f"chdb://{tmp_path / 'ch'}"
-    run = cli(
-        "run",
-        "--source",
-        f"file:{data}",
-        "--sink",
-        sink,
-        "--batch-size",
-        "7000",
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        "--engine",
-        "cpu",
-        "--progress",
-        "never",
-    )
+    run = run_job(f"file:{data}", tmp_path, "--batch-size", "7000")
     assert run.returncode == 0, run.stderr
     assert "engine: cpu" in run.stderr
     assert "records in" in run.stdout and "30,000" in run.stdout
@@ -75,58 +70,17 @@ def test_generate_then_run_file_matches_reference(tmp_path: Path) -> None:
     assert expected.tables["dead_letters"].num_rows > 0
     assert expected.tables["late_events"].num_rows > 0
     # a second run of the same job is a no-op that says so
-    again = cli(
-        "run",
-        "--source",
-        f"file:{data}",
-        "--sink",
-        sink,
-        "--batch-size",
-        "7000",
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        "--engine",
-        "cpu",
-        "--progress",
-        "never",
-    )
+    again = run_job(f"file:{data}", tmp_path, "--batch-size", "7000")
     assert again.returncode == 0 and "already ran to completion" in again.stderr
     # --fresh reruns it; idempotent inserts keep the tables identical
-    fresh = cli(
-        "run",
-        "--source",
-        f"file:{data}",
-        "--sink",
-        sink,
-        "--batch-size",
-        "7000",
-        "--fresh",
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        "--engine",
-        "cpu",
-        "--progress",
-        "never",
-    )
+    fresh = run_job(f"file:{data}", tmp_path, "--batch-size", "7000", "--fresh")
     assert fresh.returncode == 0, fresh.stderr
     assert_tables_equal(read_tables(sink), expected.tables)
 
 
 def test_query_formats(tmp_path: Path) -> None:
     sink = f"chdb://{tmp_path / 'ch'}"
-    run = cli(
-        "run",
-        "--events",
-        "3000",
-        "--sink",
-        sink,
-        "--checkpoint-dir",
-        str(tmp_path / "c"),
-        "--engine",
-        "cpu",
-        "--progress",
-        "never",
-    )
+    run = run_job("synthetic", tmp_path, "--events", "3000")
     assert run.returncode == 0, run.stderr
     as_json = cli(
         "query", "--sink", sink, "--format", "json", "SELECT count() AS n FROM clickstream.events"
@@ -192,37 +146,13 @@ def test_empty_file_runs_and_writes_nothing(tmp_path: Path) -> None:
     empty = tmp_path / "empty.ndjson"
     empty.write_bytes(b"")
     sink = f"chdb://{tmp_path / 'ch'}"
-    run = cli(
-        "run",
-        "--source",
-        f"file:{empty}",
-        "--sink",
-        sink,
-        "--checkpoint-dir",
-        str(tmp_path / "c"),
-        "--engine",
-        "cpu",
-        "--progress",
-        "never",
-    )
+    run = run_job(f"file:{empty}", tmp_path)
     assert run.returncode == 0, run.stderr
     assert all(t.num_rows == 0 for t in read_tables(sink).values())
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    run = cli(
-        "run",
-        "--source",
-        f"file:{tmp_path / 'nope.ndjson'}",
-        "--sink",
-        f"chdb://{tmp_path / 'ch'}",
-        "--checkpoint-dir",
-        str(tmp_path / "c"),
-        "--engine",
-        "cpu",
-        "--progress",
-        "never",
-    )
+    run = run_job(f"file:{tmp_path / 'nope.ndjson'}", tmp_path)
     assert run.returncode == 1
     assert "nope.ndjson" in run.stderr
 
