@@ -25,13 +25,21 @@ _RUN_HELP = {
     "threads": "CPU engine: OpenMP threads per kernel (default: all cores)",
     "checkpoint_dir": "where job checkpoints live (default gpu_pipeline_data/checkpoints)",
     "checkpoint_interval_ms": "time between checkpoints, e.g. 5s",
-    "fresh": "forget this job's checkpoint and start over (inserts stay idempotent)",
+    "fresh": "forget this job's checkpoint and run it again from the start (idempotent inserts)",
     "progress": "progress display: auto (on a terminal), always, never",
     "max_out_of_orderness_ms": "watermark delay D, e.g. 5s",
     "allowed_lateness_ms": "allowed lateness L, e.g. 60s",
     "dedup_ttl_ms": "how long event ids are remembered, e.g. 1h",
     "session_gap_ms": "session inactivity gap G, e.g. 30min",
-    "group_id": "Kafka consumer group",
+    "max_future_skew_ms": (
+        "event-time guard: an event this far ahead of its partition's event time that the "
+        "next event contradicts becomes a dead letter, e.g. 1h (0 = off)"
+    ),
+    "job_id": (
+        "name the job yourself (default: a hash of source, sink, database and semantics); "
+        "runs with one name are one job whatever their sinks"
+    ),
+    "group_id": "Kafka consumer group (default: gpu-pipeline-JOB, one group per job)",
     "until_idle": "Kafka: stop (and flush) once every partition is idle",
     "idle_timeout_ms": "Kafka: how long without messages counts as idle, e.g. 5s",
     "max_batch_bytes": "Kafka: bytes per micro-batch",
@@ -48,6 +56,7 @@ _FLAG_NAMES = {
     "allowed_lateness_ms": "--allowed-lateness",
     "dedup_ttl_ms": "--dedup-ttl",
     "session_gap_ms": "--session-gap",
+    "max_future_skew_ms": "--max-future-skew",
     "checkpoint_interval_ms": "--checkpoint-interval",
     "idle_timeout_ms": "--idle-timeout",
     "max_batch_wait_ms": "--max-batch-wait",

@@ -132,17 +132,28 @@ def _identifier(option: str, value: Any) -> str:
     return text
 
 
+def _job_name(option: str, value: Any) -> str:
+    text = str(value)
+    if text and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise ConfigError(option, f"must be 1-64 letters, digits, '.', '_' or '-', got {value!r}")
+    return text
+
+
 def _text(option: str, value: Any) -> str:
     return str(value)
 
 
+_SECRET_QUERY = re.compile(r"([?&][^=&]*(?:password|secret)[^=&]*=)[^&]*", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """A URL with its password replaced by ``***`` (never print secrets)."""
+    """A URL with its password, and any ``?...password=``/``secret=`` query value (Kafka
+    client properties), replaced by ``***`` (never print secrets)."""
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
+        url = parts._replace(netloc=netloc).geturl()
+    return _SECRET_QUERY.sub(r"\1***", url)
 
 
 @dataclass(frozen=True)
@@ -165,7 +176,9 @@ class RunConfig:
     allowed_lateness_ms: int = 60_000
     dedup_ttl_ms: int = 3_600_000
     session_gap_ms: int = 1_800_000
-    group_id: str = "gpu-pipeline"
+    max_future_skew_ms: int = 3_600_000
+    job_id: str = ""
+    group_id: str = ""
     until_idle: bool = False
     idle_timeout_ms: int = 5_000
     max_batch_bytes: int = 64 << 20
@@ -181,6 +194,7 @@ class RunConfig:
             allowed_lateness_ms=self.allowed_lateness_ms,
             dedup_ttl_ms=self.dedup_ttl_ms,
             session_gap_ms=self.session_gap_ms,
+            max_future_skew_ms=self.max_future_skew_ms,
         )
 
 
@@ -201,6 +215,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "allowed_lateness_ms": parse_duration_ms,
     "dedup_ttl_ms": parse_duration_ms,
     "session_gap_ms": parse_duration_ms,
+    "max_future_skew_ms": parse_duration_ms,
+    "job_id": _job_name,
     "group_id": _text,
     "until_idle": _boolean,
     "idle_timeout_ms": parse_duration_ms,
@@ -215,6 +231,7 @@ _ALIASES = {
     "allowed_lateness": "allowed_lateness_ms",
     "dedup_ttl": "dedup_ttl_ms",
     "session_gap": "session_gap_ms",
+    "max_future_skew": "max_future_skew_ms",
     "checkpoint_interval": "checkpoint_interval_ms",
     "idle_timeout": "idle_timeout_ms",
     "max_batch_wait": "max_batch_wait_ms",

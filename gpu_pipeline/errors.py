@@ -38,3 +38,7 @@ class SinkError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint directory is unreadable, corrupt or belongs to another job."""
+
+
+class JobConflictError(PipelineError):
+    """A run would mix its output with another job's, or write rows a second time."""

@@ -52,13 +52,15 @@ DEFAULT_WINDOWS: tuple[WindowSpec, ...] = (
 
 @dataclass(frozen=True)
 class Semantics:
-    """SPEC §2 parameters: watermark delay D, allowed lateness L, dedup TTL, session gap G."""
+    """SPEC §2 parameters: watermark delay D, allowed lateness L, dedup TTL, session gap G,
+    and the event-time guard's bound B (``max_future_skew_ms``, 0 = off; §2.9)."""
 
     max_out_of_orderness_ms: int = 5 * SECOND_MS
     allowed_lateness_ms: int = 60 * SECOND_MS
     dedup_ttl_ms: int = HOUR_MS
     session_gap_ms: int = 30 * MINUTE_MS
     windows: tuple[WindowSpec, ...] = field(default=DEFAULT_WINDOWS)
+    max_future_skew_ms: int = HOUR_MS
 
     def __post_init__(self) -> None:
         for name in (
@@ -66,9 +68,18 @@ class Semantics:
             "allowed_lateness_ms",
             "dedup_ttl_ms",
             "session_gap_ms",
+            "max_future_skew_ms",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(
                     name, f"must be a non-negative integer of milliseconds, got {value!r}"
                 )
+        tolerance = self.max_out_of_orderness_ms + self.allowed_lateness_ms
+        if 0 < self.max_future_skew_ms < tolerance:
+            raise ConfigError(
+                "max_future_skew_ms",
+                f"must be 0 (guard off) or at least max_out_of_orderness + allowed_lateness "
+                f"({tolerance} ms): an event that trails by less than that is still counted, "
+                f"so it cannot contradict the event before it, got {self.max_future_skew_ms}",
+            )

@@ -72,11 +72,8 @@ def engine_run(
         records = list(partitions[partition])
         processor = PartitionProcessor(partition, semantics, backend)
         for start in range(0, len(records), batch_size):
-            decoded = decoder.decode(
-                raw_batch(partition, records[start : start + batch_size], source)
-            )
-            collected["dead_letters"].append(decoded.dead)
-            output = processor.process(decoded.events)
+            raw = raw_batch(partition, records[start : start + batch_size], source)
+            output = processor.process(raw, decoder.decode(raw))
             counts.add(output.counts)
             for name, table in output.tables.items():
                 collected[name].append(table)

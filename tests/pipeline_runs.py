@@ -80,7 +80,9 @@ class Job:
             "never",
         ]
         if self.source.startswith("kafka://"):
-            argv += ["--group-id", self.group_id, "--idle-timeout", "1s"]
+            if self.group_id:  # empty: the default, one consumer group per job
+                argv += ["--group-id", self.group_id]
+            argv += ["--idle-timeout", "1s"]
             if self.until_idle:
                 argv.append("--until-idle")
         return argv + list(self.options)

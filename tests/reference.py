@@ -69,13 +69,15 @@ STAT_NAMES: tuple[str, ...] = (
     "duplicates",
     "late",
     "on_time",
+    "future_ts",
     "sessions",
     "sessions_closed_by_watermark",
     "window_rows",
     "window_writes",
 )
 """The counters of ``ReferenceResult.stats``: records = events + dead_letters (events are the
-valid records) and events = duplicates + late + on_time."""
+valid records the event-time guard let through; ``future_ts`` counts the valid records it set
+apart, which are dead letters too) and events = duplicates + late + on_time."""
 
 WINDOW_ROW_KEYS: dict[str, list[str]] = {
     "traffic_1m": ["window_start", "event_type", "partition"],
@@ -573,7 +575,14 @@ def window_starts(ts_ms: int, spec: WindowSpec) -> list[int]:
 
 
 class _PartitionModel:
-    """The semantics of one partition, applied record by record in arrival order."""
+    """The semantics of one partition, applied record by record in arrival order.
+
+    The event-time guard (SPEC §2.9) is the only rule that looks ahead: a valid event whose
+    ts is more than B = ``max_future_skew_ms`` past the largest ts let through so far (every
+    first event of a partition) is held until the next valid event arrives.  If that one is
+    more than B earlier, the held event is a dead letter; otherwise (or at end of input) it
+    is processed, before its successor, exactly as if it had not waited.
+    """
 
     def __init__(self, partition: int, semantics: Semantics, source: str) -> None:
         self.partition = partition
@@ -588,7 +597,8 @@ class _PartitionModel:
         self.pending: list[tuple[int, int, tuple[str, int, Any]]] = []
         self.arrivals = 0
         self.rows: dict[str, list[dict[str, Any]]] = {name: [] for name in schema.OUTPUT_TABLES}
-        self.stats = dict.fromkeys(STAT_NAMES[:6], 0)
+        self.stats = dict.fromkeys(STAT_NAMES[:7], 0)
+        self.held: tuple[Event, dict[str, int], bytes] | None = None
         self.session_closes: list[SessionClose] = []
         self.window_writes: list[WindowWrite] = []
 
@@ -603,15 +613,36 @@ class _PartitionModel:
         position = {"partition": self.partition, "offset": offset, "seq": seq}
         decoded = validate_record(raw)
         if isinstance(decoded, str):
-            self.stats["dead_letters"] += 1
-            row = {"raw": raw, "error": decoded, "source": self.source, **position}
-            self.rows["dead_letters"].append(row)
+            self._dead_letter(raw, decoded, position)
             return
+        bound = self.sem.max_future_skew_ms
+        if self.held is not None:
+            # The event-time guard: the next valid event decides a suspect.
+            held, held_position, held_raw = self.held
+            self.held = None
+            if decoded.ts_ms < held.ts_ms - bound:
+                self.stats["future_ts"] += 1
+                error = f"ts: more than {bound} ms ahead, and the next event contradicts it"
+                self._dead_letter(held_raw, error, held_position)
+            else:
+                self._take(held, held_position)
+        if bound and (self.max_ts_ms is None or decoded.ts_ms > self.max_ts_ms + bound):
+            self.held = (decoded, position, raw)  # suspect: wait for the next valid event
+            return
+        self._take(decoded, position)
+
+    def _dead_letter(self, raw: bytes, error: str, position: dict[str, int]) -> None:
+        self.stats["dead_letters"] += 1
+        row = {"raw": raw, "error": error, "source": self.source, **position}
+        self.rows["dead_letters"].append(row)
+
+    def _take(self, event: Event, position: dict[str, int]) -> None:
+        """A valid event the guard let through: SPEC §2.2-2.6 in arrival order."""
         self.stats["events"] += 1
-        self._accept(decoded, position)
-        if self.max_ts_ms is None or decoded.ts_ms > self.max_ts_ms:
-            self.max_ts_ms = decoded.ts_ms
-        self._advance((offset, seq))
+        self._accept(event, position)
+        if self.max_ts_ms is None or event.ts_ms > self.max_ts_ms:
+            self.max_ts_ms = event.ts_ms
+        self._advance((position["offset"], position["seq"]))
 
     def _accept(self, event: Event, position: dict[str, int]) -> None:
         watermark = self.watermark()
@@ -722,7 +753,12 @@ class _PartitionModel:
         self.session_closes.append(close)
 
     def finish(self) -> None:
-        """End of input: the watermark goes to +infinity; everything still open is written."""
+        """End of input: a held suspect passes (nothing contradicts it); then the watermark
+        goes to +infinity and everything still open is written."""
+        if self.held is not None:
+            held, held_position, _ = self.held
+            self.held = None
+            self._take(held, held_position)
         for session in self.open_sessions:
             self._close(session, None, None)
         self.open_sessions = []

@@ -31,7 +31,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from gpu_pipeline import schema
-from gpu_pipeline.semantics import MINUTE_MS, SECOND_MS, Semantics, WindowSpec
+from gpu_pipeline.semantics import HOUR_MS, MINUTE_MS, SECOND_MS, Semantics, WindowSpec
 
 Record = tuple[int, int, bytes]
 """One raw record of a partition: (offset, seq, raw bytes)."""
@@ -92,6 +92,7 @@ def small_semantics(draw: st.DrawFn) -> Semantics:
         allowed_lateness_ms=draw(st.sampled_from([0, 1, 10 * SECOND_MS, MINUTE_MS])),
         dedup_ttl_ms=draw(st.sampled_from([0, 1, 30 * SECOND_MS, 10 * MINUTE_MS])),
         session_gap_ms=draw(st.sampled_from([0, 1, 30 * SECOND_MS, 2 * MINUTE_MS])),
+        max_future_skew_ms=draw(st.sampled_from([0, 2 * MINUTE_MS, 5 * MINUTE_MS, HOUR_MS])),
         windows=(
             WindowSpec("traffic_1m", traffic[0], traffic[1], "event_type"),
             WindowSpec("product_5m", product[0], product[1], "product_id"),
@@ -329,11 +330,14 @@ class _PartitionBuilder:
         weights = (6, 4, 1, 2, 1, 1, 2)
         return self.rng.choices(schema.EVENT_TYPES, weights=weights)[0]
 
-    def _emit(self, event_id: str, user_id: int, ts_ms: int) -> bytes:
+    def _emit(self, event_id: str, user_id: int, ts_ms: int, *, corrupt: bool = False) -> bytes:
+        """An event at ``ts_ms``; a ``corrupt`` one (a planted far-future time) leaves the
+        stream's clock, users and ids alone, as a flipped digit would."""
         ts_ms = max(0, min(ts_ms, 10_413_791_999_999))
-        self.max_ts_ms = ts_ms if self.max_ts_ms is None else max(self.max_ts_ms, ts_ms)
-        self.user_last_ts[user_id] = max(ts_ms, self.user_last_ts.get(user_id, ts_ms))
-        self.seen.append((event_id, ts_ms))
+        if not corrupt:
+            self.max_ts_ms = ts_ms if self.max_ts_ms is None else max(self.max_ts_ms, ts_ms)
+            self.user_last_ts[user_id] = max(ts_ms, self.user_last_ts.get(user_id, ts_ms))
+            self.seen.append((event_id, ts_ms))
         return encode(self.rng, make_event(self.rng, event_id, user_id, ts_ms, self._event_type()))
 
     def _move(self) -> bytes:
@@ -357,6 +361,14 @@ class _PartitionBuilder:
         last = self.user_last_ts.get(user)
         if last is not None and last + sem.session_gap_ms >= horizon:
             moves.append((2, lambda: last + sem.session_gap_ms + nudge))
+        bound = sem.max_future_skew_ms
+        if bound:
+            # a legitimate pause just past the guard's bound, or a long one
+            moves.append((0.3, lambda: top + bound + rng.choice((1, 2, rng.randrange(bound)))))
+            if rng.random() < 0.02:
+                # a corrupted time: from just past the bound to decades ahead
+                ahead = rng.choice((bound + 1, bound + 2, 3 * bound, 40 * 365 * 86_400_000))
+                return self._emit(self._fresh_id(), user, top + ahead, corrupt=True)
         weights = [weight for weight, _ in moves]
         ts_ms = rng.choices([make for _, make in moves], weights=weights)[0]()
         if self.seen and rng.random() > 0.85:

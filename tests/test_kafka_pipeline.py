@@ -282,9 +282,9 @@ def test_the_run_rides_out_a_broker_restart(kafka_bootstrap: str, tmp_path: Path
 def test_a_second_process_joins_and_leaves_and_nothing_is_lost_or_doubled(
     kafka_bootstrap: str, tmp_path: Path
 ) -> None:
-    """Two processes of one job (same group, same checkpoint folder, each its own chdb
-    folder): the second joins mid-run and takes partitions with their state, then leaves
-    and gives them back.  The two folders together hold exactly the reference tables.
+    """Two processes of one job (same ``--job-id``, group and checkpoint folder, each its
+    own chdb folder): the second joins mid-run and takes partitions with their state, then
+    leaves and gives them back.  The two folders together hold exactly the reference tables.
 
     The processes use KIP-848's ``group.protocol=consumer``: the default classic protocol
     makes each process a static member named after its checkpoint folder, and two static
@@ -294,13 +294,14 @@ def test_a_second_process_joins_and_leaves_and_nothing_is_lost_or_doubled(
     name = new_topic(kafka_bootstrap, partitions)
     url = f"kafka://{kafka_bootstrap}/{name}?group.protocol=consumer"
     lines = synthetic_lines(EVENTS, 9)
+    job_name = unique("job")
     shared = {
         "group_id": unique("group"),
         "database": unique("db"),
         "checkpoint_dir": tmp_path / "ckpt",
         "batch_size": 50,
         "until_idle": False,
-        "options": ("--checkpoint-interval", "0"),
+        "options": ("--checkpoint-interval", "0", "--job-id", job_name),
     }
     first = new_job(tmp_path / "first", url, **shared)
     second = new_job(tmp_path / "second", url, **shared)
@@ -341,7 +342,7 @@ def test_a_second_process_joins_and_leaves_and_nothing_is_lost_or_doubled(
                 job.wait(child, 60)
 
     # End of input: a bounded run of the same job flushes what is still open.
-    first.with_options("--checkpoint-interval", "0", until_idle=True).run_ok()
+    first.with_options("--checkpoint-interval", "0", "--job-id", job_name, until_idle=True).run_ok()
     topic = read_topic(kafka_bootstrap, name, partitions)
     second_tables = second.tables()
     assert second_tables["events"].num_rows, "the second process processed nothing"

@@ -68,6 +68,25 @@ class Backend(ABC):
     def to_host(self, array: Any) -> np.ndarray:
         """Bring a device array back to a numpy array."""
 
+    def running_max(self, values: Any) -> Any:
+        """Inclusive prefix maximum of a 1-D int64 array, on the device.
+
+        The portable formulation: Hillis-Steele doubling, ``ceil(log2 n)`` steps of one
+        elementwise ``maximum`` over shifted slices into a fresh buffer (no aliasing), which
+        every array module supports.  CuPy implements ``ufunc.accumulate`` only for ``add``
+        and ``multiply``, so ``maximum.accumulate`` is not an option there; the CPU engine
+        overrides this with numpy's sequential ``maximum.accumulate``.
+        """
+        xp = self.xp
+        out = values.copy()
+        n = int(out.shape[0])
+        shift = 1
+        while shift < n:
+            step = out.copy()
+            xp.maximum(out[shift:], out[:-shift], out=step[shift:])
+            out, shift = step, shift * 2
+        return out
+
     def strings(self, array: pa.Array | pa.ChunkedArray) -> DeviceStrings:
         """A non-null Arrow string column on the device."""
         offsets, chars = host_strings(array)

@@ -28,5 +28,9 @@ class CpuBackend(Backend):
     def to_host(self, array: Any) -> np.ndarray:
         return np.asarray(array)
 
+    def running_max(self, values: Any) -> Any:
+        """numpy's sequential prefix maximum (one pass; the portable version is O(n log n))."""
+        return np.maximum.accumulate(values)
+
     def describe(self) -> str:
         return f"cpu (kernels compiled as C++/OpenMP, {self.threads} threads)"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,9 @@ class DecodeResult:
     """Rows of ``schema.DECODED_EVENTS``."""
     dead: pa.Table
     """Rows of ``schema.DEAD_LETTERS``."""
+    record_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """For each row of ``events``, the index of its record in the decoded :class:`RawBatch`
+    (so a later stage that sets a valid event apart can still quote its raw bytes)."""
 
     @staticmethod
     def empty() -> DecodeResult:
@@ -117,7 +120,7 @@ def assemble(
         ],
         schema=schema.DEAD_LETTERS,
     )
-    return DecodeResult(events=events_table, dead=dead_table)
+    return DecodeResult(events=events_table, dead=dead_table, record_index=index.astype(np.int64))
 
 
 def _is_sorted(values: np.ndarray) -> bool:

@@ -1,16 +1,19 @@
 """The watermark (SPEC §2.2): W(e) = max ts of the earlier valid events of the partition - D.
 
-The per-row watermark is an exclusive running maximum: a prefix scan the array library does
-well (``maximum.accumulate``), seeded with the maximum carried from earlier batches.
+The per-row watermark is an exclusive running maximum, seeded with the maximum carried from
+earlier batches: a prefix scan, which each engine provides (``Backend.running_max``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from gpu_pipeline.backend.base import Backend
 
 NEG_INF = int(np.iinfo(np.int64).min)
 """The watermark before the first event: minus infinity."""
@@ -28,15 +31,16 @@ class Watermark:
         self.delay_ms = max_out_of_orderness_ms
         self._state = _WatermarkState()
 
-    def apply(self, ts: Any, xp: Any) -> Any:
+    def apply(self, ts: Any, backend: Backend) -> Any:
         """W for each row (int64, NEG_INF = -inf), and advance the running maximum."""
+        xp = backend.xp
         n = int(ts.shape[0])
         if n == 0:
             return xp.zeros(0, dtype=xp.int64)
         before = xp.empty(n, dtype=xp.int64)
         before[0] = self._state.max_ts
         if n > 1:
-            running = xp.maximum.accumulate(ts[:-1])
+            running = backend.running_max(ts[:-1])
             before[1:] = xp.maximum(running, self._state.max_ts)
         self._state.max_ts = max(self._state.max_ts, int(ts.max()))
         finite = before != NEG_INF

@@ -14,12 +14,11 @@ Exactly-once (SPEC §2.7) rests on three facts:
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -27,17 +26,26 @@ from typing import Any
 
 import pyarrow as pa
 
+from gpu_pipeline import schema
 from gpu_pipeline.backend import select_backend
 from gpu_pipeline.backend.base import Backend
 from gpu_pipeline.config import RunConfig, redact
 from gpu_pipeline.decode.base import Decoder, DecodeResult
-from gpu_pipeline.errors import ConfigError
+from gpu_pipeline.errors import CheckpointError, ConfigError, JobConflictError
 from gpu_pipeline.operators.watermark import NEG_INF
 from gpu_pipeline.runtime.faults import crash_point
+from gpu_pipeline.runtime.job import (
+    consumer_group,
+    describe_identity,
+    identity_conflict,
+    job_id,
+    job_identity,
+)
 from gpu_pipeline.runtime.metrics import ProgressDisplay, RunMetrics
 from gpu_pipeline.runtime.partition import BatchOutput, PartitionProcessor
 from gpu_pipeline.runtime.prefetch import prefetch
 from gpu_pipeline.sinks.base import Sink, open_sink
+from gpu_pipeline.sinks.jobs import record_job, recorded_jobs, row_counts
 from gpu_pipeline.sources.base import RawBatch, Source
 from gpu_pipeline.state.checkpoint import CheckpointStore, PartitionCheckpoint
 
@@ -81,36 +89,17 @@ def make_decoder() -> Decoder:
     return ArrowJsonDecoder()
 
 
-def source_identity(config: RunConfig) -> dict[str, Any]:
-    """What makes two runs the same job: the input's identity and the semantics."""
-    identity: dict[str, Any] = {"source": config.source, "database": config.database}
-    if config.source == "synthetic":
-        identity.update(events=config.events, seed=config.seed)
-    elif config.source.startswith("file:"):
-        path = Path(config.source[len("file:") :])
-        if path.exists():
-            stat = path.stat()
-            identity.update(path=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
-    elif config.source.startswith("kafka://"):
-        identity.update(group_id=config.group_id)
-    identity["semantics"] = asdict(config.semantics())
-    return identity
-
-
-def job_id(config: RunConfig) -> str:
-    """A short stable id of the job (names its checkpoints and insert tokens)."""
-    text = json.dumps(source_identity(config), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 class Pipeline:
     """One job: a source, an engine, a sink and the checkpoints that tie them together."""
 
     def __init__(
         self, config: RunConfig, *, sink: Sink | None = None, backend: Backend | None = None
     ) -> None:
-        self.config = config
+        self.identity = job_identity(config)
         self.job_id = job_id(config)
+        if config.source.startswith("kafka://"):
+            config = replace(config, group_id=consumer_group(config, self.job_id))
+        self.config = config
         if backend is None:
             backend, self.engine_message = select_backend(config.engine, config.threads or None)
         else:
@@ -118,7 +107,11 @@ class Pipeline:
         self.backend = backend
         self.semantics = config.semantics()
         self.sink = sink or open_sink(config.sink, config.database)
-        self.store = CheckpointStore(Path(config.checkpoint_dir) / self.job_id, self.job_id)
+        self.store = CheckpointStore(
+            Path(config.checkpoint_dir) / self.job_id, self.job_id, self.identity
+        )
+        if config.job_id and not config.fresh:
+            self._check_named_job()
         self.decoder = make_decoder()
         self.processors: dict[int, PartitionProcessor] = {}
         self.positions: dict[int, int] = {}
@@ -157,9 +150,12 @@ class Pipeline:
         self.sink.open()
         if self.config.fresh:
             self.store.reset()
+        self._claim_sink()
         if self.store.is_complete():
+            # nothing is replayed, so any batch size reads the same finished job
             for partition in self.store.partitions():
-                self._resume(partition)
+                self._resume(partition, replays=False)
+            self._check_sink_holds_output()
             return RunResult(self.metrics, self.backend.name, True, already_complete=True)
         if not self.config.source.startswith("kafka://"):
             # Kafka partitions are restored when assigned (the source calls _resume),
@@ -196,6 +192,109 @@ class Pipeline:
                 self.dead_letter_queue.close()
         return RunResult(self.metrics, self.backend.name, not stopped, stopped=stopped)
 
+    def _check_named_job(self) -> None:
+        """A job named with --job-id must read and compute what it did when it began."""
+        recorded = self.store.recorded_identity()
+        differs = identity_conflict(self.identity, recorded) if recorded else None
+        if differs:
+            raise ConfigError(
+                "job_id",
+                f"job {self.job_id!r} was started with another {differs} "
+                f"({describe_identity(recorded or {})}); a job name stands for one source and "
+                "one set of semantics: use another --job-id, or --fresh to start it over",
+            )
+
+    def _claim_sink(self) -> None:
+        """Make sure the database holds this job's output (or nothing), then record the job.
+
+        Refuses, before anything is written: a database that holds another job's output
+        (the rows would mix); a database with no record of this job while its checkpoint
+        says it wrote there (dropped or emptied by hand: resuming would silently leave out
+        what came before); and a rerun from the start that would cut other batches than the
+        rows already stored (they would be written again under other tokens).
+        """
+        db = self.config.database
+        records = recorded_jobs(self.sink, db)
+        others = [r for r in records if r.job_id != self.job_id]
+        if others:
+            other = others[0]
+            raise JobConflictError(
+                f"database {db!r} at {redact(self.identity['sink'])} holds the output of another "
+                f"job ({other.job_id}: {describe_identity(other.identity)}); this run is job "
+                f"{self.job_id} ({describe_identity(self.identity)}). A database holds one job's "
+                "output, or the two would be counted together: write to another --database, "
+                f'or drop this one first (gpu-pipeline query "DROP DATABASE {db}")'
+            )
+        mine = records[0] if records else None
+        has_checkpoint = bool(self.store.partitions()) or self.store.is_complete()
+        wrote_here = self._sink_key in self.store.claimed_sinks()
+        if mine is None and has_checkpoint and wrote_here:
+            raise CheckpointError(
+                f"this job's checkpoint ({self.store.directory}) says it already wrote to "
+                f"database {db!r} at {redact(self.identity['sink'])}, but the database has no "
+                "record of it: it was dropped or emptied by hand. Run again with --fresh to "
+                "write the whole job again"
+            )
+        journaled = any(f.stat().st_size for f in (self.store.directory / "journal").glob("*"))
+        if mine is not None and not has_checkpoint and not journaled:
+            # a first run that crashed before its first checkpoint replays its journal
+            self._check_rerun_from_start(mine.batch_size)
+        if mine is None:
+            record_job(self.sink, db, self.job_id, self.identity, self.config.batch_size)
+        self.store.claim_sink(self._sink_key, f"{self.identity['sink']} database {db}\n")
+
+    @property
+    def _sink_key(self) -> str:
+        """Names this run's sink and database among those the job has written to."""
+        where = f"{self.identity['sink']}|{self.config.database}"
+        return hashlib.sha256(where.encode()).hexdigest()[:16]
+
+    def _check_rerun_from_start(self, recorded_batch_size: int) -> None:
+        """A run from the start into tables that already hold this job's rows is safe only if
+        it cuts the very same batches (same tokens): files and synthetic, same batch size."""
+        db = self.config.database
+        if not any(row_counts(self.sink, db, sorted(schema.OUTPUT_TABLES)).values()):
+            return  # recorded, but nothing written yet (e.g. a run refused before reading)
+        if self.config.source.startswith("kafka://"):
+            raise JobConflictError(
+                f"database {db!r} already holds rows of this Kafka job, but there is no "
+                f"checkpoint to resume from ({self.store.directory}); Kafka batches are cut by "
+                "time, so reading the topic again from the start would store those rows twice. "
+                "Resume with the job's --checkpoint-dir, or drop the database first "
+                f'(gpu-pipeline query "DROP DATABASE {db}") and run with --fresh'
+            )
+        if recorded_batch_size and recorded_batch_size != self.config.batch_size:
+            raise JobConflictError(
+                f"database {db!r} holds this job's rows written with "
+                f"batch_size={recorded_batch_size}; running it again from the start with "
+                f"batch_size={self.config.batch_size} would cut other batches and store every "
+                f"row twice. Use --batch-size {recorded_batch_size}, or drop the database first "
+                f'(gpu-pipeline query "DROP DATABASE {db}")'
+            )
+
+    def _check_sink_holds_output(self) -> None:
+        """A complete job's tables must still hold at least what it wrote."""
+        if self.store.claimed_sinks() != {self._sink_key}:
+            return  # a job named with --job-id that wrote to several sinks: no single total
+        c = self.metrics.counters
+        expected = {
+            "events": c.get("on_time", 0),
+            "late_events": c.get("late", 0),
+            "dead_letters": c.get("dead_letters", 0),
+            "sessions": c.get("sessions", 0),
+        }
+        found = row_counts(self.sink, self.config.database, sorted(expected))
+        short = [
+            f"{t}: {found.get(t, 0):,} of {n:,}" for t, n in expected.items() if found.get(t, 0) < n
+        ]
+        if short:
+            raise CheckpointError(
+                f"this job ran to completion, but database {self.config.database!r} at "
+                f"{redact(self.identity['sink'])} now holds fewer rows than it wrote "
+                f"({'; '.join(short)}): it was emptied by hand. Run again with --fresh to "
+                "write the whole job again"
+            )
+
     def _open_source(self) -> Source:
         if self.config.source.startswith("kafka://"):
             from gpu_pipeline.sources.kafka import KafkaSource
@@ -212,19 +311,25 @@ class Pipeline:
                 )
             return KafkaSource.from_config(
                 self.config,
+                job_id=self.job_id,
                 journal=self.journal,
                 resume=self._resume,
                 on_revoke=self._on_revoke,
             )
         return open_source(self.config)
 
-    def _resume(self, partition: int) -> int | None:
-        """Restore ``partition`` from its checkpoint; its next position, or None if it has none."""
+    def _resume(self, partition: int, replays: bool = True) -> int | None:
+        """Restore ``partition`` from its checkpoint; its next position, or None if it has none.
+
+        A run that ``replays`` batches after the checkpoint must cut them as the interrupted
+        run did (same insert tokens), so for files it needs the same batch size.
+        """
         checkpoint = self.store.load(partition)
         if checkpoint is None:
             return None
         if (
-            checkpoint.batch_size
+            replays
+            and checkpoint.batch_size
             and checkpoint.batch_size != self.config.batch_size
             and not self.config.source.startswith("kafka://")
         ):
@@ -283,21 +388,15 @@ class Pipeline:
             token = f"{self.job_id}:{raw.partition}:idle@{raw.next_offset}:{raw.idle_clock_ms}"
             self._count(raw.partition, self._write(raw.partition, output, token))
             return
-        output = self._processor(raw.partition).process(decoded.events)
-        if decoded.dead.num_rows:
-            output.tables["dead_letters"] = decoded.dead
-            if self.dead_letter_queue is not None:
-                self.dead_letter_queue.send(decoded.dead, self._topic)
+        output = self._processor(raw.partition).process(raw, decoded)
+        dead = output.tables.get("dead_letters")
+        if dead is not None and dead.num_rows and self.dead_letter_queue is not None:
+            self.dead_letter_queue.send(dead, self._topic)
         first = int(raw.offsets[0]) if len(raw) else raw.next_offset
         counts = self._write(
             raw.partition, output, f"{self.job_id}:{raw.partition}:{first}-{raw.next_offset}"
         )
-        counts.update(
-            records=len(raw),
-            events=decoded.events.num_rows,
-            dead_letters=decoded.dead.num_rows,
-            batches=1,
-        )
+        counts.update(records=len(raw), batches=1)
         self._count(raw.partition, counts)
         self.positions[raw.partition] = raw.next_offset
         self.metrics.records_this_process += len(raw)
@@ -317,6 +416,9 @@ class Pipeline:
                 self.sink.write(table, rows, f"{token_base}:{table}")
         c = output.counts
         return {
+            "events": c.events,
+            "dead_letters": _rows(output, "dead_letters"),
+            "future_ts": c.future_ts,
             "duplicates": c.duplicates,
             "late": c.late,
             "on_time": c.on_time,
@@ -360,7 +462,10 @@ class Pipeline:
     def _detail(self) -> str:
         """The progress line: counters, then per partition lag, watermark and batch latency."""
         c = self.metrics.counters
-        text = f"dead {c['dead_letters']:,}  dup {c['duplicates']:,}  late {c['late']:,}"
+        text = (
+            f"dead {c['dead_letters']:,} (future ts {c.get('future_ts', 0):,})  "
+            f"dup {c['duplicates']:,}  late {c['late']:,}"
+        )
         lag_of = getattr(self.source, "lag", None)
         lags: dict[int, int] = lag_of() if lag_of is not None else {}
         parts = []

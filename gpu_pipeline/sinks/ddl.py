@@ -279,6 +279,23 @@ def create_table(db: str, spec: TableSpec) -> str:
     )
 
 
+JOBS_TABLE = "pipeline_jobs"
+"""The job record: which job's output the database holds (see gpu_pipeline.sinks.jobs)."""
+
+
+def create_jobs_table(db: str) -> str:
+    """``CREATE TABLE IF NOT EXISTS`` for the job record (one row per job)."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {db}.{JOBS_TABLE}\n(\n"
+        "    `job_id` String COMMENT 'Job id: hash of source, sink, database and semantics',\n"
+        "    `identity` String COMMENT 'The job identity as JSON (no secrets)',\n"
+        "    `batch_size` UInt64 COMMENT 'Records per micro-batch of the run that recorded it',\n"
+        "    `recorded_at` DateTime64(3, 'UTC') COMMENT 'When the job first wrote here'\n"
+        ")\nENGINE = ReplacingMergeTree\nORDER BY job_id\n"
+        f"COMMENT {quote_string('The gpu-pipeline job whose output this database holds')}"
+    )
+
+
 def create_view(db: str, view: ViewSpec) -> str:
     """``CREATE OR REPLACE VIEW``: idempotent, and upgrades the definition in place."""
     return (
@@ -295,6 +312,7 @@ def schema_statements(db: str) -> list[str]:
         f"COMMENT {quote_string('gpu-pipeline clickstream output (SPEC §3)')}"
     ]
     statements += [create_table(db, spec) for spec in TABLES]
+    statements.append(create_jobs_table(db))
     statements += [create_view(db, view) for view in _views(db)]
     return statements
 

@@ -40,10 +40,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import repeat
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
@@ -314,6 +314,9 @@ class _Partition:
 # ---------------------------------------------------------------------------- the source
 
 
+CommittedPolicy = Literal["resume", "refuse", "earliest"]
+
+
 class KafkaSource(Source):
     """A Kafka topic read by a consumer group, as replayable per-partition micro-batches.
 
@@ -325,7 +328,14 @@ class KafkaSource(Source):
         Durable record of every cut (see the module docstring).
     resume
         Partition -> the pipeline's next offset for it from its checkpoint, or None (then
-        the group's committed offset, else the earliest offset).
+        ``committed_offsets`` decides).
+    committed_offsets
+        What a partition that ``resume`` knows nothing about starts from when the group has
+        a committed offset for it: ``resume`` from it; ``refuse`` (the pipeline: offsets
+        committed by a run whose state is not here, so resuming would continue with empty
+        dedup, session and window state, losing exactly-once) raises a SourceError;
+        ``earliest`` ignores it (``--fresh``).  Without a committed offset a partition
+        starts at its earliest offset.
     on_revoke
         Called with the partitions about to be revoked (or lost), before they go and
         between batches: the pipeline checkpoints them then.  Not called by :meth:`close`.
@@ -359,8 +369,16 @@ class KafkaSource(Source):
         idle_timeout_ms: int,
         consumer_config: dict[str, Any] | None = None,
         idle_partition_timeout_ms: int = 0,
+        committed_offsets: CommittedPolicy = "resume",
     ) -> None:
         _require(bool(group_id), "group_id", "must not be empty")
+        _require(
+            committed_offsets in ("resume", "refuse", "earliest"),
+            "committed_offsets",
+            f"must be resume, refuse or earliest, got {committed_offsets!r}",
+        )
+        self.committed_offsets = committed_offsets
+        self.group_id = group_id
         _require(max_bytes > 0, "max_batch_bytes", f"must be positive, got {max_bytes}")
         _require(max_wait_ms >= 0, "max_batch_wait_ms", f"must be >= 0, got {max_wait_ms}")
         _require(idle_timeout_ms >= 0, "idle_timeout_ms", f"must be >= 0, got {idle_timeout_ms}")
@@ -404,6 +422,7 @@ class KafkaSource(Source):
         cls,
         config: RunConfig,
         *,
+        job_id: str = "",
         journal: BatchJournal,
         resume: Callable[[int], int | None],
         on_revoke: Callable[[list[int]], None] | None,
@@ -413,9 +432,14 @@ class KafkaSource(Source):
         Joins the group as a static member (:func:`static_instance_id`) unless the URL
         chooses ``group.protocol=consumer`` or its own ``group.instance.id``.
         """
+        from gpu_pipeline.runtime.job import consumer_group
+        from gpu_pipeline.runtime.job import job_id as job_id_of
+
         bootstrap, topic, properties = parse_kafka_url(config.source, "source")
+        job_id = job_id or job_id_of(config)
+        config = replace(config, group_id=consumer_group(config, job_id))
         if str(properties.get("group.protocol", "classic")).lower() == "classic":
-            properties.setdefault("group.instance.id", static_instance_id(config))
+            properties.setdefault("group.instance.id", static_instance_id(config, job_id))
         return cls(
             bootstrap,
             topic,
@@ -429,6 +453,7 @@ class KafkaSource(Source):
             idle_timeout_ms=config.idle_timeout_ms,
             idle_partition_timeout_ms=config.idle_partition_timeout_ms,
             consumer_config=properties,
+            committed_offsets="earliest" if config.fresh else "refuse",
         )
 
     # ------------------------------------------------------------------ batches
@@ -676,8 +701,17 @@ class KafkaSource(Source):
             log.warning("cannot read committed offsets of %r: %s", self.topic, exc)
             return found
         for tp in committed:
-            if tp.error is None and tp.offset >= 0:
+            if tp.error is None and tp.offset >= 0 and self.committed_offsets != "earliest":
                 found[tp.partition] = tp.offset
+        if found and self.committed_offsets == "refuse":
+            listed = ", ".join(f"{p} at offset {o}" for p, o in sorted(found.items()))
+            raise SourceError(
+                f"consumer group {self.group_id!r} has committed offsets for partitions of "
+                f"{self.topic!r} ({listed}) but this process has no checkpoint for them: "
+                "resuming there would continue with empty dedup, session and window state and "
+                "lose exactly-once. Point --checkpoint-dir at the job's checkpoints, or run "
+                "with --fresh to start the job over from the earliest offsets"
+            )
         for partition in partitions:
             if partition in found:
                 continue
@@ -882,15 +916,16 @@ def _is_cooperative(config: dict[str, Any]) -> bool:
     return "cooperative-sticky" in str(config.get("partition.assignment.strategy", ""))
 
 
-def static_instance_id(config: RunConfig) -> str:
-    """A ``group.instance.id`` naming this pipeline: its host, checkpoint directory and group.
+def static_instance_id(config: RunConfig, job_id: str = "") -> str:
+    """A ``group.instance.id`` naming this pipeline: host, checkpoint directory, group and job.
 
     With it a pipeline that restarts after a crash takes its partitions back at once (a
     classic-protocol static member), and gets the same ones, so its local checkpoint is the
     one that matches them.  Two processes on one checkpoint directory would be one job run
     twice: the broker fences the older one.
     """
-    where = f"{socket.gethostname()}|{Path(config.checkpoint_dir).resolve()}|{config.group_id}"
+    checkpoints = Path(config.checkpoint_dir).resolve()
+    where = f"{socket.gethostname()}|{checkpoints}|{config.group_id}|{job_id}"
     digest = hashlib.sha256(where.encode()).hexdigest()[:12]
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:60]
     return f"gpu-pipeline-{host}-{digest}"

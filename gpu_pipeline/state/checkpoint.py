@@ -7,6 +7,8 @@ move to another consumer of the group with its state)::
     p3/ckpt-000000042/manifest.json     position, counters
     p3/ckpt-000000042/<operator>.arrow  one Arrow IPC file per operator state
     COMPLETE                   -> written when a bounded job has flushed everything
+    JOB.json                   -> the job's identity (source, sink, database, semantics; no secrets)
+    sinks/<key>                -> one marker per database the job has written to
 
 A checkpoint folder is written completely and fsynced before ``CURRENT`` points at it, so a
 crash at any instant leaves either the old or the new checkpoint, never half of one.
@@ -19,6 +21,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -29,6 +32,7 @@ from gpu_pipeline.state.durable import fsync_directory, write_durably
 
 CURRENT = "CURRENT"
 COMPLETE = "COMPLETE"
+JOB = "JOB.json"
 
 
 @dataclass
@@ -45,9 +49,15 @@ class PartitionCheckpoint:
 class CheckpointStore:
     """Reads and writes the checkpoints of one job in one directory."""
 
-    def __init__(self, directory: str | os.PathLike[str], job_id: str) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        job_id: str,
+        identity: dict[str, Any] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.job_id = job_id
+        self.identity = identity
 
     def partitions(self) -> list[int]:
         """Partitions that have a checkpoint."""
@@ -70,8 +80,10 @@ class CheckpointStore:
             manifest = json.loads((current / "manifest.json").read_text())
             if manifest["job_id"] != self.job_id:
                 raise CheckpointError(
-                    f"checkpoint {current} belongs to job {manifest['job_id']}, not {self.job_id}: "
-                    "use another --checkpoint-dir or --fresh"
+                    f"checkpoint {current} belongs to job {manifest['job_id']}"
+                    f"{self._described(manifest['job_id'])}, not to this run's job {self.job_id}:"
+                    " it was copied or moved here; use another --checkpoint-dir, or --fresh to "
+                    "start this job over"
                 )
             state = {name: _read_table(current / f"{name}.arrow") for name in manifest["state"]}
         except (OSError, json.JSONDecodeError, KeyError, pa.ArrowInvalid) as exc:
@@ -91,6 +103,7 @@ class CheckpointStore:
         """Write ``checkpoint`` durably, then make it the partition's current one."""
         folder = self.directory / f"p{partition}"
         folder.mkdir(parents=True, exist_ok=True)
+        self._describe_job()
         checkpoint.sequence += 1
         name = f"ckpt-{checkpoint.sequence:09d}"
         staging = folder / f".{name}.tmp"
@@ -120,6 +133,47 @@ class CheckpointStore:
         for entry in folder.iterdir():
             if entry.name.startswith(("ckpt-", ".ckpt-")) and entry.name != name:
                 shutil.rmtree(entry, ignore_errors=True)
+
+    def _describe_job(self) -> None:
+        """Write JOB.json once, so a person (and an error message) can tell whose this is."""
+        path = self.directory / JOB
+        if self.identity is not None and not path.exists():
+            text = json.dumps({"job_id": self.job_id, **self.identity}, indent=1, default=str)
+            write_durably(path, text.encode())
+
+    def recorded_identity(self) -> dict[str, Any] | None:
+        """The identity in JOB.json, or None before the job's first checkpoint."""
+        try:
+            recorded = json.loads((self.directory / JOB).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return recorded if isinstance(recorded, dict) else None
+
+    def _described(self, job_id: str) -> str:
+        """`` (source …, sink …)`` from JOB.json when it names ``job_id``."""
+        try:
+            recorded = json.loads((self.directory / JOB).read_text())
+        except (OSError, json.JSONDecodeError):
+            return ""
+        if recorded.get("job_id") != job_id:
+            return ""
+        from gpu_pipeline.runtime.job import describe_identity
+
+        return f" ({describe_identity(recorded)})"
+
+    def claim_sink(self, key: str, description: str) -> None:
+        """Remember (durably) that this job writes to the database named by ``key``."""
+        folder = self.directory / "sinks"
+        if (folder / key).is_file():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        write_durably(folder / key, description.encode())
+        fsync_directory(folder)
+
+    def claimed_sinks(self) -> set[str]:
+        """Keys of every database this job has written to."""
+        folder = self.directory / "sinks"
+        return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
 
     def is_complete(self) -> bool:
         """True once a bounded job has flushed and checkpointed everything."""

@@ -255,7 +255,7 @@ def test_open_twice_is_idempotent_and_everything_is_commented(make_sink: SinkFac
         f"SELECT name, engine, comment FROM system.tables WHERE database = '{DB}' ORDER BY name"
     ).to_pylist()
     names = {row["name"] for row in tables}
-    assert names == set(schema.OUTPUT_TABLES) | set(ddl.view_names())
+    assert names == set(schema.OUTPUT_TABLES) | set(ddl.view_names()) | {ddl.JOBS_TABLE}
     assert all(row["comment"] for row in tables), tables
     in_tables = ", ".join(repr(t) for t in schema.OUTPUT_TABLES)
     columns = sink.query(

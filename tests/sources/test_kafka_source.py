@@ -26,6 +26,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from gpu_pipeline import schema
 from gpu_pipeline.config import RunConfig
 from gpu_pipeline.errors import ConfigError
+from gpu_pipeline.runtime.job import job_id
 from gpu_pipeline.sources.base import RawBatch
 from gpu_pipeline.sources.kafka import KafkaSource, frame_messages, parse_kafka_url
 from gpu_pipeline.sources.kafka_producer import DeadLetterProducer, produce_synthetic, user_key
@@ -175,7 +176,6 @@ def test_from_config_validates_options(tmp_path: Path) -> None:
     base = replace(RunConfig(), source="kafka://127.0.0.1:9/clicks")
     cases = {
         "source": replace(base, source="kafka://127.0.0.1:9/clicks?enable.auto.commit=true"),
-        "group_id": replace(base, group_id=""),
         "max_batch_bytes": replace(base, max_batch_bytes=0),
     }
     for option, config in cases.items():
@@ -184,6 +184,7 @@ def test_from_config_validates_options(tmp_path: Path) -> None:
         assert caught.value.option == option
     source = KafkaSource.from_config(base, journal=journal, resume=lambda p: None, on_revoke=None)
     assert source.topic == "clicks"
+    assert source.group_id == f"gpu-pipeline-{job_id(base)}"  # the default: one group per job
     with pytest.raises(ConfigError):
         next(iter(source.batches(0, {})))
     source.close()
