@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -85,34 +86,34 @@ class FileSource(Source):
             raise SourceError(f"{self.name}: cannot open ({exc.strerror})") from exc
 
     def _ndjson_batches(self, max_records: int, first_line: int) -> Iterator[RawBatch]:
+        """Batches of exactly ``max_records`` records (the last may be shorter), counted from
+        ``first_line`` whatever the read blocks: records left over at the end of a block
+        are carried into the next batch."""
+        pending = _Pending.empty()
         with self._open() as stream:
             try:
                 for block, line_no in _line_blocks(stream):
-                    yield from self._block_batches(block, line_no, first_line, max_records)
+                    pending = pending.extend(*_block_records(block, line_no, first_line))
+                    while len(pending) >= max_records:
+                        batch, pending = pending.split(max_records)
+                        yield self._batch(batch)
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
                 raise SourceError(f"{self.name}: read failed ({exc})") from exc
+        if len(pending):
+            batch, _ = pending.split(len(pending))
+            yield self._batch(batch)
 
-    def _block_batches(
-        self, block: bytes, line_no: int, first_line: int, max_records: int
-    ) -> Iterator[RawBatch]:
-        """Batches of the records of a block of whole lines starting at line ``line_no``."""
-        starts, ends = _lines(block)
-        offsets = np.arange(line_no, line_no + starts.shape[0], dtype=np.int64)
-        keep = (offsets >= first_line) & ~_blank_lines(block, starts, ends)
-        starts, ends, offsets = starts[keep], ends[keep], offsets[keep]
-        for at in range(0, starts.shape[0], max_records):
-            s, e, o = (a[at : at + max_records] for a in (starts, ends, offsets))
-            base, stop = int(s[0]), int(e[-1])
-            yield RawBatch(
-                partition=0,
-                buffer=block[base:stop],
-                starts=s - base,
-                ends=e - base,
-                offsets=o,
-                seqs=np.zeros(s.shape[0], dtype=np.int32),
-                source=self.name,
-                next_offset=int(o[-1]) + 1,
-            )
+    def _batch(self, records: _Piece) -> RawBatch:
+        return RawBatch(
+            partition=0,
+            buffer=records.buffer,
+            starts=records.starts,
+            ends=records.ends,
+            offsets=records.offsets,
+            seqs=np.zeros(len(records), dtype=np.int32),
+            source=self.name,
+            next_offset=int(records.offsets[-1]) + 1,
+        )
 
     def _parquet_batches(self, max_records: int, first_row: int) -> Iterator[RawBatch]:
         try:
@@ -145,6 +146,97 @@ class FileSource(Source):
                     next_offset=row,
                     rows=rows,
                 )
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Consecutive records of one read block: their bytes and bounds relative to ``buffer``."""
+
+    buffer: bytes
+    starts: np.ndarray
+    ends: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.starts.shape[0])
+
+    def head(self, count: int) -> _Piece:
+        stop = int(self.ends[count - 1])
+        return _Piece(
+            self.buffer[:stop], self.starts[:count], self.ends[:count], self.offsets[:count]
+        )
+
+    def tail(self, count: int) -> _Piece:
+        base = int(self.starts[count])
+        return _Piece(
+            self.buffer[base:],
+            self.starts[count:] - base,
+            self.ends[count:] - base,
+            self.offsets[count:],
+        )
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """Records read but not yet batched, as pieces of blocks (joined once, when batched)."""
+
+    pieces: tuple[_Piece, ...] = ()
+
+    @staticmethod
+    def empty() -> _Pending:
+        return _Pending()
+
+    def __len__(self) -> int:
+        return sum(len(piece) for piece in self.pieces)
+
+    def extend(
+        self, block: bytes, starts: np.ndarray, ends: np.ndarray, offsets: np.ndarray
+    ) -> _Pending:
+        """These records followed by those of ``block``."""
+        if not starts.shape[0]:
+            return self
+        base = int(starts[0])
+        piece = _Piece(block[base:], starts - base, ends - base, offsets)
+        return _Pending((*self.pieces, piece))
+
+    def split(self, count: int) -> tuple[_Piece, _Pending]:
+        """The first ``count`` records as one piece, and the rest."""
+        taken: list[_Piece] = []
+        rest = list(self.pieces)
+        need = count
+        while need:
+            piece = rest.pop(0)
+            if len(piece) > need:
+                taken.append(piece.head(need))
+                rest.insert(0, piece.tail(need))
+                need = 0
+            else:
+                taken.append(piece)
+                need -= len(piece)
+        return _join(taken), _Pending(tuple(rest))
+
+
+def _join(pieces: list[_Piece]) -> _Piece:
+    if len(pieces) == 1:
+        return pieces[0]
+    shifts = np.cumsum([0] + [len(p.buffer) for p in pieces[:-1]], dtype=np.int64)
+    return _Piece(
+        b"".join(p.buffer for p in pieces),
+        np.concatenate([p.starts + shift for p, shift in zip(pieces, shifts, strict=True)]),
+        np.concatenate([p.ends + shift for p, shift in zip(pieces, shifts, strict=True)]),
+        np.concatenate([p.offsets for p in pieces]),
+    )
+
+
+def _block_records(
+    block: bytes, line_no: int, first_line: int
+) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray]:
+    """The records of a block of whole lines starting at line ``line_no``, from ``first_line``:
+    the block, and the start, end and offset (line number) of each non-blank line."""
+    starts, ends = _lines(block)
+    offsets = np.arange(line_no, line_no + starts.shape[0], dtype=np.int64)
+    keep = (offsets >= first_line) & ~_blank_lines(block, starts, ends)
+    return block, starts[keep], ends[keep], offsets[keep]
 
 
 def _line_blocks(stream: BinaryIO) -> Iterator[tuple[bytes, int]]:

@@ -52,6 +52,28 @@ def test_block_boundaries_do_not_change_records(
     assert records(list(FileSource(path).batches(2, {}))) == EXPECTED
 
 
+@pytest.mark.parametrize("read_bytes", [1, 5, 64, 1 << 20])
+@pytest.mark.parametrize("batch_size", [1, 3, 1000, 10**6])
+def test_batches_are_the_size_asked_for_across_read_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_bytes: int, batch_size: int
+) -> None:
+    """``--batch-size`` is honoured whatever the read block: records left at the end of a
+    block go into the next batch (a large batch size once gave one batch per block)."""
+    monkeypatch.setattr(files, "READ_BYTES", read_bytes)
+    data = b"".join(generate_ndjson_chunks(3000, 8))
+    path = write(tmp_path / "x.ndjson", data)
+    batches = list(FileSource(path).batches(batch_size, {}))
+    total = len(data.splitlines())
+    assert [len(b) for b in batches] == [batch_size] * (total // batch_size) + (
+        [total % batch_size] if total % batch_size else []
+    )
+    lines = data.splitlines()
+    assert [b.record(i) for b in batches for i in range(len(b))] == lines
+    resumed = list(FileSource(path).batches(batch_size, {0: 1234}))
+    assert sum(len(b) for b in resumed) == total - 1234
+    assert all(len(b) == batch_size for b in resumed[:-1])
+
+
 def test_batches_respect_max_records_and_resume(tmp_path: Path) -> None:
     path = write(tmp_path / "x.ndjson", TEXT)
     source = FileSource(path)
