@@ -39,7 +39,10 @@ HELD_SCHEMA = pa.schema(
 
 _FIRST_WINDOW = 4096
 """Rows scanned per pass after a rejection; grows while passes find nothing to reject, so a
-clean batch is one vectorised pass and a batch full of corrupt times stays linear."""
+clean batch is one vectorised pass."""
+_DENSE_REJECTIONS = 32
+"""After this many rejections in one batch the rest of it is screened one event at a time
+(linear, at Python speed) instead of one vectorised pass per rejection."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ def screen(ts: np.ndarray, max_ts: int, bound_ms: int) -> Screening:
         contradicted = np.zeros(seg.shape[0], dtype=bool)
         contradicted[: following.shape[0]] = following < seg[: following.shape[0]] - bound_ms
         hits = np.flatnonzero(suspect & contradicted)
+        if hits.shape[0] and len(rejected) >= _DENSE_REJECTIONS:
+            # corrupt times are dense here: one plain pass is cheaper than a pass per rejection
+            return _sequential(ts, start, reference, bound_ms, rejected)
         if hits.shape[0]:
             k = int(hits[0])
             rejected.append(
@@ -111,6 +117,24 @@ def screen(ts: np.ndarray, max_ts: int, bound_ms: int) -> Screening:
             return Screening(rejected, hold_last=bool(suspect[-1]))
         reference = max(reference, int(seg.max()))
         start, width = stop, width * 2
+    return Screening(rejected, hold_last=False)
+
+
+def _sequential(
+    ts: np.ndarray, start: int, reference: int, bound_ms: int, rejected: list[Rejection]
+) -> Screening:
+    """The rule one event at a time from ``start`` (the same verdicts as the scan)."""
+    values = ts[start:].tolist()
+    n = len(values)
+    for k, t in enumerate(values):
+        if reference == NEG_INF or t > reference + bound_ms:
+            if k == n - 1:
+                return Screening(rejected, hold_last=True)
+            if values[k + 1] < t - bound_ms:
+                rejected.append(Rejection(start + k, t, reference, values[k + 1]))
+                continue
+        if t > reference:
+            reference = t
     return Screening(rejected, hold_last=False)
 
 

@@ -69,6 +69,21 @@ def test_scan_equals_the_one_event_at_a_time_rule(
         assert r.ts_ms == ts[r.index] and r.successor_ts_ms == ts[r.index + 1]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_dense_corruption_takes_the_plain_pass_with_the_same_verdicts(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 3000
+    ts = BASE + np.cumsum(rng.integers(0, 3 * MINUTE_MS, n))
+    corrupt = rng.random(n) < rng.choice([0.05, 0.3, 0.6])
+    # far apart from each other too, so that consecutive corrupt times never confirm each other
+    spread = rng.integers(0, 10**6, int(corrupt.sum())) * 2 * HOUR_MS
+    ts[corrupt] += 40 * YEAR_MS + spread
+    verdict = screen(ts.astype(np.int64), int(BASE), HOUR_MS)
+    expected = sequential_screen(ts.tolist(), int(BASE), HOUR_MS)
+    assert ([r.index for r in verdict.rejected], verdict.hold_last) == expected
+    assert len(expected[0]) > 32
+
+
 def test_scan_stays_linear_when_every_other_time_is_corrupt() -> None:
     n = 200_000
     ts = BASE + np.arange(n, dtype=np.int64) * 10
