@@ -24,7 +24,9 @@ _RUN_HELP = {
     "seed": "synthetic source: random seed (default 42)",
     "threads": "CPU engine: OpenMP threads per kernel (default: all cores)",
     "checkpoint_dir": "where job checkpoints live (default gpu_pipeline_data/checkpoints)",
-    "checkpoint_interval_ms": "time between checkpoints, e.g. 5s",
+    "checkpoint_interval_ms": (
+        "Kafka: time between checkpoints (rows become visible then), e.g. 5s; 0 = after every batch"
+    ),
     "fresh": "forget this job's checkpoint and run it again from the start (idempotent inserts)",
     "progress": "progress display: auto (on a terminal), always, never",
     "max_out_of_orderness_ms": "watermark delay D, e.g. 5s",

@@ -1,7 +1,8 @@
 """Injected crashes for recovery tests: ``GPU_PIPELINE_CRASH_AT=point:n`` kills the process
 (``os._exit(137)``, like kill -9: no cleanup, no flush) the n-th time ``point`` is reached.
 
-Points: ``after_sink_write`` (outputs written, state not yet checkpointed),
+Points: ``after_batch`` (a batch processed, its rows waiting for the next checkpoint),
+``after_sink_write`` (a checkpoint's rows inserted, its state not yet written),
 ``during_snapshot`` (between two operator state files of a checkpoint),
 ``after_checkpoint`` (state durable, source offsets not yet committed).
 Unset (the default), a crash point costs one dictionary lookup.

@@ -1,13 +1,15 @@
-"""The run loop: source -> decode -> partition operators -> sink, with checkpoints.
+"""The run loop: source -> decode -> partition operators -> outbox -> sink, with checkpoints.
 
-Exactly-once (SPEC §2.7) rests on three facts:
+Exactly-once (SPEC §2.7) rests on four facts:
 
 1. batch boundaries are a deterministic function of the checkpointed positions and the
-   batch size, so a replay after a crash cuts the same batches;
-2. every operator is deterministic, so a replayed batch produces the same rows, written
-   with the same ``insert_deduplication_token`` (job, partition, offset range, table), which
-   ClickHouse drops as a duplicate;
-3. only the checkpoint commits, in one order: sink writes -> state snapshot -> positions
+   batch size (Kafka: the batch journal), so a replay after a crash cuts the same batches;
+2. every operator is deterministic, so a replayed batch produces the same rows;
+3. rows wait in the outbox and are inserted by the checkpoint, one block per partition and
+   table, named ``job:partition:c<n>:<from>-<to>:table``; the position ``to`` is recorded
+   durably (the partition's intent) before the insert, so a replay after a crash checkpoints
+   at ``to`` again with the same rows and tokens, which ClickHouse drops as duplicates;
+4. only the checkpoint commits, in one order: sink writes -> state snapshot -> positions
    (and, for Kafka, the consumer offsets after that).
 """
 
@@ -42,12 +44,17 @@ from gpu_pipeline.runtime.job import (
     job_identity,
 )
 from gpu_pipeline.runtime.metrics import ProgressDisplay, RunMetrics
+from gpu_pipeline.runtime.outbox import Outbox
 from gpu_pipeline.runtime.partition import BatchOutput, PartitionProcessor
 from gpu_pipeline.runtime.prefetch import prefetch
 from gpu_pipeline.sinks.base import Sink, open_sink
 from gpu_pipeline.sinks.jobs import record_job, recorded_jobs, row_counts
 from gpu_pipeline.sources.base import RawBatch, Source
 from gpu_pipeline.state.checkpoint import CheckpointStore, PartitionCheckpoint
+
+CHECKPOINT_ROWS = 1_000_000
+"""Output rows waiting in the outbox that make a checkpoint due (bounds memory, and for files
+and the synthetic source it is the only trigger besides the end, see _checkpoint_due)."""
 
 
 @dataclass
@@ -121,6 +128,16 @@ class Pipeline:
         self.dead_letter_queue: Any = None
         self._topic = ""
         self._checkpointed: dict[int, int] = {}
+        self.outbox = Outbox()
+        self._boundary: dict[int, tuple[int, bool]] = {}
+        """Per partition replaying an interrupted checkpoint: its position and whether it
+        included the end-of-input flush; the partition is checkpointed only there."""
+        self._flushed: set[int] = set()
+        self._dirty: set[int] = set()
+        """Partitions processed since their last checkpoint (only those are checkpointed, so
+        the checkpoint numbers in insert tokens are the same in a replay)."""
+        self._since: dict[int, int] = {}
+        """Per partition: the position of its last checkpoint (where its waiting rows begin)."""
         self._partition_counters: dict[int, dict[str, int]] = {}
         self._latency_ms: dict[int, float] = {}
         self._stop = threading.Event()
@@ -160,7 +177,7 @@ class Pipeline:
         if not self.config.source.startswith("kafka://"):
             # Kafka partitions are restored when assigned (the source calls _resume),
             # so a consumer never touches the state of partitions another one owns.
-            for partition in self.store.partitions():
+            for partition in self.store.known_partitions():
                 self._resume(partition)
         source = self._open_source()
         self.source = source
@@ -173,16 +190,19 @@ class Pipeline:
                     display.update(self.metrics, self._detail() if display.enabled else "")
                     if self._stop.is_set():
                         break
-                    if (
-                        time.monotonic() - last_checkpoint
-                        >= self.config.checkpoint_interval_ms / 1000
-                    ):
+                    if self._checkpoint_due(last_checkpoint):
                         self.checkpoint()
                         last_checkpoint = time.monotonic()
                 stopped = self._stop.is_set()
                 if not stopped:
                     self._flush_all()
                 self.checkpoint()
+                if not stopped and self._boundary:
+                    raise CheckpointError(
+                        f"partitions {sorted(self._boundary)} ended before the position their "
+                        f"interrupted checkpoint covered ({self._boundary}): the input shrank "
+                        "since the crash (file rewritten, Kafka retention); rerun with --fresh"
+                    )
                 if not stopped and source.bounded and not self.config.source.startswith("kafka://"):
                     self.store.mark_complete()
                 display.update(self.metrics, self._detail() if display.enabled else "")
@@ -238,9 +258,9 @@ class Pipeline:
         journaled = any(f.stat().st_size for f in (self.store.directory / "journal").glob("*"))
         if mine is not None and not has_checkpoint and not journaled:
             # a first run that crashed before its first checkpoint replays its journal
-            self._check_rerun_from_start(mine.batch_size)
+            self._check_rerun_from_start(mine.cuts)
         if mine is None:
-            record_job(self.sink, db, self.job_id, self.identity, self.config.batch_size)
+            record_job(self.sink, db, self.job_id, self.identity, self._cuts())
         self.store.claim_sink(self._sink_key, f"{self.identity['sink']} database {db}\n")
 
     @property
@@ -249,9 +269,10 @@ class Pipeline:
         where = f"{self.identity['sink']}|{self.config.database}"
         return hashlib.sha256(where.encode()).hexdigest()[:16]
 
-    def _check_rerun_from_start(self, recorded_batch_size: int) -> None:
+    def _check_rerun_from_start(self, recorded_cuts: str) -> None:
         """A run from the start into tables that already hold this job's rows is safe only if
-        it cuts the very same batches (same tokens): files and synthetic, same batch size."""
+        it cuts the very same blocks (same tokens): files and synthetic, same batch size and
+        checkpoint cadence."""
         db = self.config.database
         if not any(row_counts(self.sink, db, sorted(schema.OUTPUT_TABLES)).values()):
             return  # recorded, but nothing written yet (e.g. a run refused before reading)
@@ -263,13 +284,12 @@ class Pipeline:
                 "Resume with the job's --checkpoint-dir, or drop the database first "
                 f'(gpu-pipeline query "DROP DATABASE {db}") and run with --fresh'
             )
-        if recorded_batch_size and recorded_batch_size != self.config.batch_size:
+        if recorded_cuts != self._cuts():
             raise JobConflictError(
-                f"database {db!r} holds this job's rows written with "
-                f"batch_size={recorded_batch_size}; running it again from the start with "
-                f"batch_size={self.config.batch_size} would cut other batches and store every "
-                f"row twice. Use --batch-size {recorded_batch_size}, or drop the database first "
-                f'(gpu-pipeline query "DROP DATABASE {db}")'
+                f"database {db!r} holds this job's rows written with {recorded_cuts}; running "
+                f"it again from the start with {self._cuts()} would cut other blocks and store "
+                "every row twice. Rerun with the same --batch-size and --checkpoint-interval "
+                f'(0 or not), or drop the database first (gpu-pipeline query "DROP DATABASE {db}")'
             )
 
     def _check_sink_holds_output(self) -> None:
@@ -294,6 +314,26 @@ class Pipeline:
                 f"({'; '.join(short)}): it was emptied by hand. Run again with --fresh to "
                 "write the whole job again"
             )
+
+    def _checkpoint_due(self, last_checkpoint: float) -> bool:
+        """Whether to checkpoint after this batch.
+
+        ``--checkpoint-interval 0`` checkpoints after every batch.  Otherwise a checkpoint is
+        due once :data:`CHECKPOINT_ROWS` output rows wait, and, for Kafka, once the interval
+        has passed.  Files and the synthetic source ignore the clock: their checkpoints then
+        fall at the same positions in every run, so a ``--fresh`` rerun cuts the same blocks
+        and ClickHouse drops them as duplicates.
+        """
+        interval_ms = self.config.checkpoint_interval_ms
+        if interval_ms == 0 or self.outbox.rows >= CHECKPOINT_ROWS:
+            return True
+        timed = self.config.source.startswith("kafka://")
+        return timed and time.monotonic() - last_checkpoint >= interval_ms / 1000
+
+    def _cuts(self) -> str:
+        """How this run cuts batches and checkpoints (what a rerun must match)."""
+        every = "batch" if self.config.checkpoint_interval_ms == 0 else f"{CHECKPOINT_ROWS} rows"
+        return f"batch_size={self.config.batch_size}, checkpoint every {every}"
 
     def _open_source(self) -> Source:
         if self.config.source.startswith("kafka://"):
@@ -325,8 +365,14 @@ class Pipeline:
         run did (same insert tokens), so for files it needs the same batch size.
         """
         checkpoint = self.store.load(partition)
+        intent = self.store.intent(partition)
+        start = checkpoint.position if checkpoint is not None else None
+        if replays and intent is not None and intent[0] > (start if start is not None else -1):
+            # a crash came while a checkpoint up to `intent` was being written: cut there again
+            self._boundary[partition] = intent
         if checkpoint is None:
             return None
+        self._since[partition] = checkpoint.position
         if (
             replays
             and checkpoint.batch_size
@@ -353,6 +399,11 @@ class Pipeline:
         for partition in partitions:
             self.processors.pop(partition, None)
             self.positions.pop(partition, None)
+            # not checkpointed (a replay short of its boundary): the next owner replays it
+            self.outbox.drop(partition)
+            self._dirty.discard(partition)
+            self._boundary.pop(partition, None)
+            self._since.pop(partition, None)
             # its counters come back with its checkpoint if it is assigned here again
             for key, value in self._partition_counters.pop(partition, {}).items():
                 self.metrics.counters[key] = self.metrics.counters.get(key, 0) - value
@@ -382,38 +433,47 @@ class Pipeline:
             self._latency_ms[raw.partition] = (time.perf_counter() - started) * 1000
 
     def _run_batch(self, raw: RawBatch, decoded: DecodeResult) -> None:
-        """Operators and sink writes of one batch (or an idle tick)."""
+        """Operators of one batch (or an idle tick); its rows wait in the outbox."""
+        partition = raw.partition
         if raw.idle_clock_ms is not None:
-            output = self._processor(raw.partition).advance_idle(raw.idle_clock_ms)
-            token = f"{self.job_id}:{raw.partition}:idle@{raw.next_offset}:{raw.idle_clock_ms}"
-            self._count(raw.partition, self._write(raw.partition, output, token))
+            output = self._processor(partition).advance_idle(raw.idle_clock_ms)
+            self._dirty.add(partition)
+            self.outbox.add(partition, output.tables)
+            self._count(partition, self._counts(output))
             return
-        output = self._processor(raw.partition).process(raw, decoded)
+        output = self._processor(partition).process(raw, decoded)
         dead = output.tables.get("dead_letters")
         if dead is not None and dead.num_rows and self.dead_letter_queue is not None:
             self.dead_letter_queue.send(dead, self._topic)
-        first = int(raw.offsets[0]) if len(raw) else raw.next_offset
-        counts = self._write(
-            raw.partition, output, f"{self.job_id}:{raw.partition}:{first}-{raw.next_offset}"
-        )
+        self._dirty.add(partition)
+        self.outbox.add(partition, output.tables)
+        counts = self._counts(output)
         counts.update(records=len(raw), batches=1)
-        self._count(raw.partition, counts)
-        self.positions[raw.partition] = raw.next_offset
+        self._count(partition, counts)
+        self.positions[partition] = raw.next_offset
         self.metrics.records_this_process += len(raw)
-        crash_point("after_sink_write")
+        crash_point("after_batch")
+        boundary = self._boundary.get(partition)
+        if boundary is not None and raw.next_offset >= boundary[0]:
+            if raw.next_offset > boundary[0]:
+                raise CheckpointError(
+                    f"partition {partition}: the replay after a crash passed the position "
+                    f"{boundary[0]} its interrupted checkpoint covered (now {raw.next_offset}); "
+                    "the input changed since the crash; rerun with --fresh"
+                )
+            if not boundary[1]:
+                self.checkpoint([partition])  # the interrupted checkpoint, with the same rows
 
     def _flush_all(self) -> None:
         for partition in sorted(self.processors):
             output = self.processors[partition].flush()
-            token = f"{self.job_id}:{partition}:flush@{self.positions.get(partition, 0)}"
-            self._count(partition, self._write(partition, output, token))
+            self.outbox.add(partition, output.tables)
+            self._flushed.add(partition)
+            self._dirty.add(partition)
+            self._count(partition, self._counts(output))
 
-    def _write(self, partition: int, output: BatchOutput, token_base: str) -> dict[str, int]:
-        """Write a batch's rows with deterministic tokens; the counters it adds."""
-        for table in sorted(output.tables):
-            rows = output.tables[table]
-            if rows.num_rows:
-                self.sink.write(table, rows, f"{token_base}:{table}")
+    def _counts(self, output: BatchOutput) -> dict[str, int]:
+        """The counters a batch's (or flush's) output adds."""
         c = output.counts
         return {
             "events": c.events,
@@ -426,6 +486,25 @@ class Pipeline:
             "window_rows": sum(_rows(output, spec.table) for spec in self.semantics.windows),
         }
 
+    def _write_pending(self, partition: int, sequence: int) -> None:
+        """Insert the partition's waiting rows: one block per table, named by the checkpoint.
+
+        The token is ``job:partition:c<sequence>:<from>-<to>:table``; ``from`` is where the
+        previous checkpoint ended (``start`` before the first), ``to`` this one's position.
+        The intent is durable first, so a replay after a crash anywhere from here to the
+        state snapshot cuts at ``to`` again and sends the same blocks under the same tokens.
+        """
+        pending = self.outbox.take(partition)
+        if not pending:
+            return
+        position = self.positions[partition]
+        self.store.write_intent(partition, position, partition in self._flushed)
+        since = self._since.get(partition, "start")
+        base = f"{self.job_id}:{partition}:c{sequence}:{since}-{position}"
+        for table in sorted(pending):
+            self.sink.write(table, pending[table], f"{base}:{table}")
+        crash_point("after_sink_write")
+
     def _count(self, partition: int, counts: dict[str, int]) -> None:
         self.metrics.add(**counts)
         mine = self._partition_counters.setdefault(partition, {})
@@ -433,15 +512,28 @@ class Pipeline:
             mine[key] = mine.get(key, 0) + value
 
     def checkpoint(self, partitions: list[int] | None = None) -> None:
-        """Make the state of ``partitions`` (default: all) durable, then commit their offsets.
+        """Write the waiting rows of ``partitions`` (default: all), make their state durable,
+        then commit their offsets: sink -> state -> offsets.
 
-        The sink writes of every processed batch are already done: sink -> state -> offsets.
+        A partition replaying after a crash is checkpointed only at the position its
+        interrupted checkpoint covered (:meth:`_run_batch` does it when it gets there).
         """
         chosen = sorted(self.processors) if partitions is None else partitions
+        done: list[int] = []
         for partition in chosen:
             processor = self.processors.get(partition)
             if processor is None or partition not in self.positions:
                 continue
+            if partition not in self._dirty:
+                continue  # nothing happened since its last checkpoint
+            boundary = self._boundary.get(partition)
+            if boundary is not None and (
+                self.positions[partition] != boundary[0]
+                or boundary[1] != (partition in self._flushed)
+            ):
+                continue
+            sequence = self._checkpointed.get(partition, 0)
+            self._write_pending(partition, sequence + 1)
             self.store.save(
                 partition,
                 PartitionCheckpoint(
@@ -449,15 +541,20 @@ class Pipeline:
                     state=processor.snapshot(),
                     counters=dict(self._partition_counters.get(partition, {})),
                     batch_size=self.config.batch_size,
-                    sequence=self._checkpointed.get(partition, 0),
+                    sequence=sequence,
                 ),
             )
-            self._checkpointed[partition] = self._checkpointed.get(partition, 0) + 1
+            self._checkpointed[partition] = sequence + 1
+            self._since[partition] = self.positions[partition]
+            self._boundary.pop(partition, None)
+            self._flushed.discard(partition)
+            self._dirty.discard(partition)
+            done.append(partition)
             if self.journal is not None:
                 self.journal.truncate(partition, self.positions[partition])
         crash_point("after_checkpoint")
         if self.source is not None:
-            self.source.commit({p: self.positions[p] for p in chosen if p in self.positions})
+            self.source.commit({p: self.positions[p] for p in done})
 
     def _detail(self) -> str:
         """The progress line: counters, then per partition lag, watermark and batch latency."""

@@ -289,7 +289,7 @@ def create_jobs_table(db: str) -> str:
         f"CREATE TABLE IF NOT EXISTS {db}.{JOBS_TABLE}\n(\n"
         "    `job_id` String COMMENT 'Job id: hash of source, sink, database and semantics',\n"
         "    `identity` String COMMENT 'The job identity as JSON (no secrets)',\n"
-        "    `batch_size` UInt64 COMMENT 'Records per micro-batch of the run that recorded it',\n"
+        "    `cuts` String COMMENT 'How its first run cut batches and checkpoints',\n"
         "    `recorded_at` DateTime64(3, 'UTC') COMMENT 'When the job first wrote here'\n"
         ")\nENGINE = ReplacingMergeTree\nORDER BY job_id\n"
         f"COMMENT {quote_string('The gpu-pipeline job whose output this database holds')}"

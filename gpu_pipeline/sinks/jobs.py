@@ -24,23 +24,25 @@ class JobRecord:
 
     job_id: str
     identity: dict[str, Any]
-    batch_size: int
+    cuts: str
+    """How the job's first run cut batches and checkpoints (a rerun must cut the same)."""
 
 
 def recorded_jobs(sink: Sink, db: str) -> list[JobRecord]:
     """Every job recorded in database ``db`` (the sink must be open)."""
     rows = sink.query(
-        f"SELECT job_id, identity, batch_size FROM {db}.{JOBS_TABLE} FINAL ORDER BY recorded_at"
+        f"SELECT job_id, identity, cuts FROM {db}.{JOBS_TABLE} FINAL ORDER BY recorded_at"
     ).to_pylist()
-    return [JobRecord(str(r["job_id"]), _json(r["identity"]), int(r["batch_size"])) for r in rows]
+    return [JobRecord(str(r["job_id"]), _json(r["identity"]), str(r["cuts"])) for r in rows]
 
 
-def record_job(sink: Sink, db: str, job_id: str, identity: dict[str, Any], batch_size: int) -> None:
+def record_job(sink: Sink, db: str, job_id: str, identity: dict[str, Any], cuts: str) -> None:
     """Record ``job_id`` as the owner of ``db`` (idempotent: one row per job)."""
     text = json.dumps(identity, sort_keys=True, default=str)
     sink.query(
-        f"INSERT INTO {db}.{JOBS_TABLE} (job_id, identity, batch_size, recorded_at) VALUES "
-        f"({ddl.quote_string(job_id)}, {ddl.quote_string(text)}, {int(batch_size)}, now64(3))"
+        f"INSERT INTO {db}.{JOBS_TABLE} (job_id, identity, cuts, recorded_at) VALUES "
+        f"({ddl.quote_string(job_id)}, {ddl.quote_string(text)}, {ddl.quote_string(cuts)}, "
+        "now64(3))"
     )
 
 

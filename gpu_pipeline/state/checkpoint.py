@@ -6,6 +6,8 @@ move to another consumer of the group with its state)::
     p3/CURRENT                 -> name of partition 3's newest complete checkpoint
     p3/ckpt-000000042/manifest.json     position, counters
     p3/ckpt-000000042/<operator>.arrow  one Arrow IPC file per operator state
+    p3/INTENT                  -> the position the next checkpoint of partition 3 writes up to,
+                                  recorded before its rows are inserted
     COMPLETE                   -> written when a bounded job has flushed everything
     JOB.json                   -> the job's identity (source, sink, database, semantics; no secrets)
     sinks/<key>                -> one marker per database the job has written to
@@ -67,6 +69,18 @@ class CheckpointStore:
             int(entry.name[1:])
             for entry in self.directory.iterdir()
             if entry.name[:1] == "p" and entry.name[1:].isdigit() and (entry / CURRENT).is_file()
+        )
+
+    def known_partitions(self) -> list[int]:
+        """Partitions with a checkpoint or an intent (a first checkpoint under way)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            int(entry.name[1:])
+            for entry in self.directory.iterdir()
+            if entry.name[:1] == "p"
+            and entry.name[1:].isdigit()
+            and ((entry / CURRENT).is_file() or (entry / "INTENT").is_file())
         )
 
     def load(self, partition: int) -> PartitionCheckpoint | None:
@@ -174,6 +188,26 @@ class CheckpointStore:
         """Keys of every database this job has written to."""
         folder = self.directory / "sinks"
         return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+    def write_intent(self, partition: int, position: int, flushed: bool) -> None:
+        """Record, durably, that the next checkpoint of ``partition`` covers input up to
+        ``position`` (and the end-of-input flush, if ``flushed``); written before that
+        checkpoint's rows are inserted, so that a replay after a crash cuts its rows at the
+        same place, and so sends the same blocks under the same insert tokens."""
+        folder = self.directory / f"p{partition}"
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = folder / ".INTENT.tmp"
+        write_durably(staging, f"{int(position)} {'flush' if flushed else 'batch'}".encode())
+        os.replace(staging, folder / "INTENT")
+        fsync_directory(folder)
+
+    def intent(self, partition: int) -> tuple[int, bool] | None:
+        """The recorded intent of ``partition``: (position, flushed), or None."""
+        try:
+            position, kind = (self.directory / f"p{partition}" / "INTENT").read_text().split()
+            return int(position), kind == "flush"
+        except (OSError, ValueError):
+            return None
 
     def is_complete(self) -> bool:
         """True once a bounded job has flushed and checkpointed everything."""
