@@ -47,6 +47,7 @@ _RUN_HELP = {
     "max_batch_bytes": "Kafka: bytes per micro-batch",
     "max_batch_wait_ms": "Kafka: longest wait to fill a micro-batch, e.g. 500ms",
     "dead_letter_topic": "Kafka: also produce dead letters to this topic (headers: origin)",
+    "metrics_port": "serve Prometheus metrics on this port while running (0 = off)",
     "idle_partition_timeout_ms": (
         "Kafka, opt-in: after this long without messages a partition's watermark follows the "
         "wall clock, so its windows and sessions close (not deterministic on replay)"
@@ -154,6 +155,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         f"source: {redact(config.source)}   sink: {pipeline.describe_sink()}   "
         f"job: {pipeline.job_id}"
     )
+    if pipeline.metrics_server is not None:
+        from gpu_pipeline.runtime.prometheus import describe
+
+        err.print(describe(pipeline.metrics_server))
     pipeline.install_signal_handlers()
     try:
         result = pipeline.run()

@@ -139,6 +139,13 @@ def _job_name(option: str, value: Any) -> str:
     return text
 
 
+def _port(option: str, value: Any) -> int:
+    port = non_negative_int(option, value)
+    if port > 65535:
+        raise ConfigError(option, f"expected a TCP port 1-65535 (0 = off), got {value!r}")
+    return port
+
+
 def _text(option: str, value: Any) -> str:
     return str(value)
 
@@ -185,6 +192,7 @@ class RunConfig:
     max_batch_wait_ms: int = 500
     dead_letter_topic: str = ""
     idle_partition_timeout_ms: int = 0
+    metrics_port: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def semantics(self) -> Semantics:
@@ -224,6 +232,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max_batch_wait_ms": parse_duration_ms,
     "dead_letter_topic": _text,
     "idle_partition_timeout_ms": parse_duration_ms,
+    "metrics_port": _port,
 }
 OPTION_NAMES: tuple[str, ...] = tuple(_PARSERS)
 _ALIASES = {

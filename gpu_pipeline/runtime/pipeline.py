@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gpu_pipeline import schema
 from gpu_pipeline.backend import select_backend
@@ -141,6 +142,40 @@ class Pipeline:
         self._partition_counters: dict[int, dict[str, int]] = {}
         self._latency_ms: dict[int, float] = {}
         self._stop = threading.Event()
+        self.figures: Any = None
+        self.metrics_server: Any = None
+        if config.metrics_port:
+            self._start_metrics(config.metrics_port)
+
+    def _start_metrics(self, port: int) -> None:
+        """Serve the run's figures to Prometheus (``--metrics-port``)."""
+        from gpu_pipeline.runtime.prometheus import MetricsServer, RunFigures
+        from gpu_pipeline.sinks import clickhouse
+
+        self.figures = RunFigures(
+            counters=lambda: self.metrics.counters, insert_retries=lambda: clickhouse.RETRIES
+        )
+        self.metrics_server = MetricsServer(self.figures, port)
+
+    def _observe_batch(self, raw: RawBatch, output_dead: pa.Table | None, seconds: float) -> None:
+        """Update the figures Prometheus reads (only with ``--metrics-port``)."""
+        figures = self.figures
+        self.metrics_server.batch_latency.observe(seconds)
+        if output_dead is not None and output_dead.num_rows:
+            fields = pc.list_element(pc.split_pattern(output_dead["error"], ":", max_splits=1), 0)
+            for item in pc.value_counts(fields).to_pylist():
+                name = str(item["values"])
+                figures.dead_letter_fields[name] = figures.dead_letter_fields.get(name, 0) + int(
+                    item["counts"]
+                )
+        lag_of = getattr(self.source, "lag", None)
+        if lag_of is not None:
+            figures.lags = dict(lag_of())
+        figures.watermarks_ms = {
+            p: mark
+            for p, processor in self.processors.items()
+            if (mark := processor.watermark.current()) > NEG_INF
+        }
 
     # ------------------------------------------------------------------ control
 
@@ -428,19 +463,23 @@ class Pipeline:
     def _process_batch(self, raw: RawBatch, decoded: DecodeResult) -> None:
         started = time.perf_counter()
         try:
-            self._run_batch(raw, decoded)
+            dead = self._run_batch(raw, decoded)
         finally:
             self._latency_ms[raw.partition] = (time.perf_counter() - started) * 1000
+        if self.metrics_server is not None:
+            self._observe_batch(raw, dead, time.perf_counter() - started)
 
-    def _run_batch(self, raw: RawBatch, decoded: DecodeResult) -> None:
-        """Operators of one batch (or an idle tick); its rows wait in the outbox."""
+    def _run_batch(self, raw: RawBatch, decoded: DecodeResult) -> pa.Table | None:
+        """Operators of one batch (or an idle tick); its rows wait in the outbox.
+
+        Returns the batch's dead letters (for the metrics)."""
         partition = raw.partition
         if raw.idle_clock_ms is not None:
             output = self._processor(partition).advance_idle(raw.idle_clock_ms)
             self._dirty.add(partition)
             self.outbox.add(partition, output.tables)
             self._count(partition, self._counts(output))
-            return
+            return output.tables.get("dead_letters")
         output = self._processor(partition).process(raw, decoded)
         dead = output.tables.get("dead_letters")
         if dead is not None and dead.num_rows and self.dead_letter_queue is not None:
@@ -463,6 +502,7 @@ class Pipeline:
                 )
             if not boundary[1]:
                 self.checkpoint([partition])  # the interrupted checkpoint, with the same rows
+        return dead
 
     def _flush_all(self) -> None:
         for partition in sorted(self.processors):
@@ -503,6 +543,9 @@ class Pipeline:
         base = f"{self.job_id}:{partition}:c{sequence}:{since}-{position}"
         for table in sorted(pending):
             self.sink.write(table, pending[table], f"{base}:{table}")
+            if self.figures is not None:
+                written = self.figures.rows_written
+                written[table] = written.get(table, 0) + pending[table].num_rows
         crash_point("after_sink_write")
 
     def _count(self, partition: int, counts: dict[str, int]) -> None:
@@ -512,6 +555,13 @@ class Pipeline:
             mine[key] = mine.get(key, 0) + value
 
     def checkpoint(self, partitions: list[int] | None = None) -> None:
+        """Checkpoint (see :meth:`_checkpoint`), timed for the metrics."""
+        started = time.perf_counter()
+        self._checkpoint(partitions)
+        if self.metrics_server is not None:
+            self.metrics_server.checkpoint_duration.observe(time.perf_counter() - started)
+
+    def _checkpoint(self, partitions: list[int] | None = None) -> None:
         """Write the waiting rows of ``partitions`` (default: all), make their state durable,
         then commit their offsets: sink -> state -> offsets.
 
@@ -585,8 +635,13 @@ class Pipeline:
         return redact(self.sink.describe())
 
     def close(self) -> None:
-        """Close the sink."""
-        self.sink.close()
+        """Close the sink and stop serving metrics."""
+        try:
+            self.sink.close()
+        finally:
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+                self.metrics_server = None
 
 
 def _iso(ms: int) -> str:

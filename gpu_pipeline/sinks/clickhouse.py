@@ -67,6 +67,9 @@ TRANSIENT_CODES: frozenset[int] = frozenset(
 )
 """ClickHouse error codes worth retrying: the server is busy, overloaded or briefly away."""
 
+RETRIES = 0
+"""Calls retried after a transient error, in this process (the ``insert_retries`` metric)."""
+
 Kind = Literal["chdb", "http", "https"]
 Loader = Literal["python", "arrow"]
 
@@ -229,6 +232,8 @@ def call_with_retries(
                 ) from None
             delay = policy.backoff_s(attempt)
             logger.warning("%s failed (%s); retrying in %.1f s", what, message, delay)
+            global RETRIES
+            RETRIES += 1
             sleep(delay)
     raise AssertionError("unreachable: attempts >= 1")
 
