@@ -54,7 +54,12 @@ def value(families: dict[str, tuple[str, Samples]], name: str, **labels: str) ->
     raise KeyError((name, labels))
 
 
-def test_the_endpoint_matches_the_run(tmp_path: Path, cpu_backend: Backend) -> None:
+def test_the_endpoint_matches_the_run(
+    tmp_path: Path, cpu_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpu_pipeline.sinks import clickhouse
+
+    monkeypatch.setattr(clickhouse, "RETRIES", 7)  # retries of earlier runs in this process
     data = tmp_path / "in.ndjson"
     data.write_bytes(b"".join(generate_ndjson_chunks(6000, 4)))
     port = free_port()

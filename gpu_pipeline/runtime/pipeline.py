@@ -152,8 +152,10 @@ class Pipeline:
         from gpu_pipeline.runtime.prometheus import MetricsServer, RunFigures
         from gpu_pipeline.sinks import clickhouse
 
+        before = clickhouse.RETRIES  # the counter is per process: count this run's retries
         self.figures = RunFigures(
-            counters=lambda: self.metrics.counters, insert_retries=lambda: clickhouse.RETRIES
+            counters=lambda: self.metrics.counters,
+            insert_retries=lambda: clickhouse.RETRIES - before,
         )
         self.metrics_server = MetricsServer(self.figures, port)
 

@@ -70,7 +70,7 @@ class _Collector(Collector):
         yield rows
         yield CounterMetricFamily(
             "gpu_pipeline_insert_retries",
-            "ClickHouse calls retried after a transient error",
+            "ClickHouse calls retried after a transient error in this process's run",
             value=f.insert_retries(),
         )
         lag = GaugeMetricFamily(
