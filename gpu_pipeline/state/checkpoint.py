@@ -35,6 +35,7 @@ from gpu_pipeline.state.durable import fsync_directory, write_durably
 CURRENT = "CURRENT"
 COMPLETE = "COMPLETE"
 JOB = "JOB.json"
+INTENT = "INTENT"
 
 
 @dataclass
@@ -63,16 +64,14 @@ class CheckpointStore:
 
     def partitions(self) -> list[int]:
         """Partitions that have a checkpoint."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(
-            int(entry.name[1:])
-            for entry in self.directory.iterdir()
-            if entry.name[:1] == "p" and entry.name[1:].isdigit() and (entry / CURRENT).is_file()
-        )
+        return self._partitions_with(CURRENT)
 
     def known_partitions(self) -> list[int]:
         """Partitions with a checkpoint or an intent (a first checkpoint under way)."""
+        return self._partitions_with(CURRENT, INTENT)
+
+    def _partitions_with(self, *markers: str) -> list[int]:
+        """Partitions whose folder holds any of the files ``markers``."""
         if not self.directory.is_dir():
             return []
         return sorted(
@@ -80,7 +79,7 @@ class CheckpointStore:
             for entry in self.directory.iterdir()
             if entry.name[:1] == "p"
             and entry.name[1:].isdigit()
-            and ((entry / CURRENT).is_file() or (entry / "INTENT").is_file())
+            and any((entry / marker).is_file() for marker in markers)
         )
 
     def load(self, partition: int) -> PartitionCheckpoint | None:
@@ -165,11 +164,8 @@ class CheckpointStore:
 
     def _described(self, job_id: str) -> str:
         """`` (source …, sink …)`` from JOB.json when it names ``job_id``."""
-        try:
-            recorded = json.loads((self.directory / JOB).read_text())
-        except (OSError, json.JSONDecodeError):
-            return ""
-        if recorded.get("job_id") != job_id:
+        recorded = self.recorded_identity()
+        if recorded is None or recorded.get("job_id") != job_id:
             return ""
         from gpu_pipeline.runtime.job import describe_identity
 
@@ -198,13 +194,13 @@ class CheckpointStore:
         folder.mkdir(parents=True, exist_ok=True)
         staging = folder / ".INTENT.tmp"
         write_durably(staging, f"{int(position)} {'flush' if flushed else 'batch'}".encode())
-        os.replace(staging, folder / "INTENT")
+        os.replace(staging, folder / INTENT)
         fsync_directory(folder)
 
     def intent(self, partition: int) -> tuple[int, bool] | None:
         """The recorded intent of ``partition``: (position, flushed), or None."""
         try:
-            position, kind = (self.directory / f"p{partition}" / "INTENT").read_text().split()
+            position, kind = (self.directory / f"p{partition}" / INTENT).read_text().split()
             return int(position), kind == "flush"
         except (OSError, ValueError):
             return None
