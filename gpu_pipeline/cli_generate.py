@@ -44,6 +44,15 @@ def generate(args: argparse.Namespace, console: Console) -> int:
                 partitions=partitions,
                 progress=lambda n: bar.update(task, completed=n),
             )
+    elif args.partitions or out.endswith("/"):
+        from gpu_pipeline.sources.synthetic import write_ndjson_partitions
+
+        partitions = positive_int("partitions", args.partitions or 1)
+        with _progress(err) as bar:
+            task = bar.add_task("generate", total=events)
+            write_ndjson_partitions(
+                out, partitions, events, seed, progress=lambda n: bar.update(task, completed=n)
+            )
     elif out.endswith(".parquet"):
         import pyarrow.parquet as pq
 

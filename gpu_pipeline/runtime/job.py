@@ -78,9 +78,21 @@ def _source_identity(config: RunConfig) -> dict[str, Any]:
     if source.startswith("file:"):
         path = Path(source[len("file:") :])
         identity: dict[str, Any] = {"source": source}
-        if path.exists():
+        if path.is_file():
             stat = path.stat()
             identity.update(path=str(path.resolve()), size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        elif path.exists() or any(ch in str(path) for ch in "*?["):
+            # a directory or glob: every partition's file, in partition order
+            from gpu_pipeline.errors import SourceError
+            from gpu_pipeline.sources.files import partition_files
+
+            try:
+                files = partition_files(path)
+            except SourceError:
+                return identity
+            identity["files"] = [
+                [str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files
+            ]
         return identity
     if source.startswith("kafka://"):
         from gpu_pipeline.sources.kafka import parse_kafka_url

@@ -1,10 +1,12 @@
 """``file:PATH`` sources: NDJSON (optionally gzip-compressed) and Parquet files.
 
-A file is partition 0.  For NDJSON a record's offset is its 0-based line number; blank
-(whitespace-only) lines separate records but are not records, and still count as lines,
-so offsets are the line numbers an editor shows minus one.  A line ends at ``\\n``; one
-``\\r`` before it belongs to the terminator (CRLF files), not to the record.  Files are read
-in blocks of :data:`READ_BYTES`, so memory stays bounded whatever the file size.
+A file is one partition: ``file:PATH`` names one file (partition 0), a directory or a glob
+(the files in name order are partitions 0, 1, ...; see :func:`partition_files`).  For NDJSON
+a record's offset is its 0-based line number; blank (whitespace-only) lines separate records
+but are not records, and still count as lines, so offsets are the line numbers an editor
+shows minus one.  A line ends at ``\\n``; one ``\\r`` before it belongs to the terminator
+(CRLF files), not to the record.  Files are read in blocks of :data:`READ_BYTES`, so memory
+stays bounded whatever the file size.
 
 For Parquet a record's offset is its 0-based row number and batches are
 :class:`gpu_pipeline.decode.base.TypedBatch` es carrying the typed rows; every decoder's
@@ -13,6 +15,7 @@ For Parquet a record's offset is its 0-based row number and batches are
 
 from __future__ import annotations
 
+import glob
 import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,45 +36,108 @@ _NEWLINE, _RETURN, _OPEN_BRACE = 10, 13, ord("{")
 _BLANK = b" \t\r"
 
 
+def partition_files(spec: str | Path) -> list[Path]:
+    """The files of ``file:SPEC`` in partition order.
+
+    SPEC is one file (partition 0), a directory (every NDJSON or Parquet file directly in
+    it, sorted by name) or a glob such as ``data/*.ndjson.gz`` (the matches, sorted by
+    path).  Partition ``i`` is the ``i``-th file of that order, so adding a file that sorts
+    last adds a partition and leaves the others as they were.
+    """
+    text = str(spec).removeprefix("file:")
+    path = Path(text)
+    if any(ch in text for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file())
+        if not files:
+            raise SourceError(f"file:{text}: no file matches; check the glob given to --source")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and _format_of(p) is not None)
+        if not files:
+            raise SourceError(
+                f"file:{text}: the directory holds no .ndjson, .jsonl, .json (optionally .gz) "
+                "or .parquet file"
+            )
+        return files
+    return [path]
+
+
+def _format_of(path: Path) -> tuple[str, bool] | None:
+    """(format, gzip-compressed) from a file name, or None if it is not an input file."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compressed = suffixes[-1:] == [".gz"]
+    if compressed:
+        suffixes = suffixes[:-1]
+    kind = suffixes[-1] if suffixes else ""
+    if kind in NDJSON_SUFFIXES:
+        return "ndjson", compressed
+    if kind == ".parquet" and not compressed:
+        return "parquet", False
+    return None
+
+
 class FileSource(Source):
-    """A bounded source reading one NDJSON or Parquet file.
+    """A bounded source reading NDJSON or Parquet files, one partition per file.
 
     Parameters
     ----------
     path
-        The file, with or without the ``file:`` prefix of the ``--source`` option.
-        ``.ndjson``, ``.jsonl`` and ``.json`` (each optionally ``.gz``) are NDJSON;
-        ``.parquet`` is Parquet.
+        A file, a directory or a glob (see :func:`partition_files`), with or without the
+        ``file:`` prefix of the ``--source`` option.  ``.ndjson``, ``.jsonl`` and ``.json``
+        (each optionally ``.gz``) are NDJSON; ``.parquet`` is Parquet.
+    partitions
+        Read only these partitions (a worker of a cluster run reads the ones it is given);
+        default: all, in partition order.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        text = str(path)
-        self.path = Path(text.removeprefix("file:"))
+    def __init__(self, path: str | Path, partitions: list[int] | None = None) -> None:
+        text = str(path).removeprefix("file:")
+        self.name = f"file:{Path(text)}"
+        self.files = partition_files(text)
+        self.readers = [_FileReader(f, i) for i, f in enumerate(self.files)]
+        if partitions is None:
+            self.selected = list(range(len(self.readers)))
+        else:
+            unknown = sorted(set(partitions) - set(range(len(self.readers))))
+            if unknown:
+                raise SourceError(
+                    f"{self.name} has {len(self.readers)} partitions (files); no partition "
+                    f"{unknown[0]}"
+                )
+            self.selected = sorted(set(partitions))
+
+    @property
+    def partition_count(self) -> int:
+        """How many partitions (files) the source has."""
+        return len(self.readers)
+
+    def batches(self, max_records: int, start: dict[int, int]) -> Iterator[RawBatch]:
+        """Each selected partition in turn, from ``start[partition]``."""
+        if not isinstance(max_records, int) or isinstance(max_records, bool) or max_records < 1:
+            raise ConfigError("batch_size", f"must be a positive integer, got {max_records!r}")
+        for partition in self.selected:
+            yield from self.readers[partition].batches(max_records, int(start.get(partition, 0)))
+
+
+class _FileReader:
+    """One file, read as one partition."""
+
+    def __init__(self, path: Path, partition: int) -> None:
+        self.path = path
+        self.partition = partition
         self.name = f"file:{self.path}"
-        suffixes = [s.lower() for s in self.path.suffixes]
-        if suffixes[-1:] == [".gz"]:
-            suffixes = suffixes[:-1]
-            self.compressed = True
-        else:
-            self.compressed = False
-        kind = suffixes[-1] if suffixes else ""
-        if kind in NDJSON_SUFFIXES:
-            self.format = "ndjson"
-        elif kind == ".parquet" and not self.compressed:
-            self.format = "parquet"
-        else:
+        known = _format_of(self.path)
+        if known is None:
             raise ConfigError(
                 "source",
-                f"cannot tell the format of {text!r}: use a .ndjson, .jsonl or .json file "
+                f"cannot tell the format of {str(path)!r}: use a .ndjson, .jsonl or .json file "
                 "(optionally .gz) or a .parquet file",
             )
+        self.format, self.compressed = known
         if not self.path.is_file():
             raise SourceError(f"{self.name}: no such file; check the path given to --source")
 
-    def batches(self, max_records: int, start: dict[int, int]) -> Iterator[RawBatch]:
-        if not isinstance(max_records, int) or isinstance(max_records, bool) or max_records < 1:
-            raise ConfigError("batch_size", f"must be a positive integer, got {max_records!r}")
-        first = int(start.get(0, 0))
+    def batches(self, max_records: int, first: int) -> Iterator[RawBatch]:
         if self.format == "parquet":
             yield from self._parquet_batches(max_records, first)
         else:
@@ -105,7 +171,7 @@ class FileSource(Source):
 
     def _batch(self, records: _Piece) -> RawBatch:
         return RawBatch(
-            partition=0,
+            partition=self.partition,
             buffer=records.buffer,
             starts=records.starts,
             ends=records.ends,
@@ -136,7 +202,7 @@ class FileSource(Source):
                     continue
                 n = rows.num_rows
                 yield TypedBatch(
-                    partition=0,
+                    partition=self.partition,
                     buffer=b"",
                     starts=np.zeros(n, dtype=np.int64),
                     ends=np.zeros(n, dtype=np.int64),

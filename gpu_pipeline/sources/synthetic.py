@@ -30,6 +30,7 @@ The model, in the order it is drawn:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import re
 from collections.abc import Callable, Iterator
@@ -901,6 +902,41 @@ def write_ndjson(
             if progress is not None:
                 progress(written)
     return written
+
+
+def write_ndjson_partitions(
+    directory: str | Path,
+    partitions: int,
+    events: int,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Write the stream as ``partitions`` NDJSON files ``part-00000.ndjson``, ... in
+    ``directory``, a record going to the file of its ``user_id`` (crc32 of the decimal id,
+    modulo the count; records without one go to file 0), as a keyed Kafka topic would hold
+    it: a ``file:DIRECTORY`` job then has one partition per file."""
+    import zlib
+
+    from gpu_pipeline.sources.kafka_producer import user_key
+
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"part-{i:05d}.ndjson" for i in range(partitions)]
+    written = 0
+    with contextlib.ExitStack() as stack:
+        outs = [stack.enter_context(open(path, "wb")) for path in paths]
+        for chunk in generate_ndjson_chunks(events, seed):
+            parts: list[list[bytes]] = [[] for _ in range(partitions)]
+            for line in chunk.splitlines():
+                key = user_key(line)
+                parts[zlib.crc32(key) % partitions if key is not None else 0].append(line)
+            for out, lines in zip(outs, parts, strict=True):
+                if lines:
+                    out.write(b"\n".join(lines) + b"\n")
+            written += chunk.count(b"\n")
+            if progress is not None:
+                progress(written)
+    return paths
 
 
 class SyntheticSource(Source):

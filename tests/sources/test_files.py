@@ -144,3 +144,37 @@ def test_parquet_rows_decode_to_the_generated_events(tmp_path: Path) -> None:
 def test_unreadable_parquet_is_a_source_error(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="Parquet"):
         list(FileSource(write(tmp_path / "x.parquet", b"not parquet")).batches(10, {}))
+
+
+def test_a_directory_is_one_partition_per_file_in_name_order(tmp_path: Path) -> None:
+    write(tmp_path / "b.ndjson.gz", b'{"b":0}\n{"b":1}\n')
+    write(tmp_path / "a.jsonl", b'{"a":0}\n')
+    write(tmp_path / "notes.txt", b"not an input file\n")
+    pq.write_table(pa.Table.from_batches(list(generate_arrow(5, seed=3))), tmp_path / "c.parquet")
+    source = FileSource(f"file:{tmp_path}")
+    assert [f.name for f in source.files] == ["a.jsonl", "b.ndjson.gz", "c.parquet"]
+    assert source.partition_count == 3
+    batches = list(source.batches(10, {}))
+    assert [b.partition for b in batches] == [0, 1, 2]
+    assert records(batches[:2]) == [(0, b'{"a":0}'), (0, b'{"b":0}'), (1, b'{"b":1}')]
+    assert batches[1].source == f"file:{tmp_path / 'b.ndjson.gz'}"
+    assert batches[2].rows.num_rows == 5  # type: ignore[attr-defined]
+
+
+def test_a_glob_and_a_chosen_subset_of_partitions(tmp_path: Path) -> None:
+    for i in range(4):
+        write(tmp_path / f"part-{i}.ndjson", b"".join(b'{"i":%d}\n' % i for _ in range(i + 1)))
+    source = FileSource(f"file:{tmp_path}/part-*.ndjson", partitions=[3, 1])
+    batches = list(source.batches(2, {3: 2}))
+    assert [(b.partition, len(b)) for b in batches] == [(1, 2), (3, 2)]
+    assert [int(o) for o in batches[1].offsets] == [2, 3]  # partition 3 resumed at line 2
+
+
+def test_partition_errors_name_the_cause(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no file matches"):
+        FileSource(f"file:{tmp_path}/*.ndjson")
+    with pytest.raises(SourceError, match=r"holds no \.ndjson"):
+        FileSource(f"file:{tmp_path}")
+    write(tmp_path / "only.ndjson", TEXT)
+    with pytest.raises(SourceError, match="no partition 1"):
+        FileSource(f"file:{tmp_path}", partitions=[1])
