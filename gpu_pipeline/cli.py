@@ -48,6 +48,11 @@ _RUN_HELP = {
     "max_batch_wait_ms": "Kafka: longest wait to fill a micro-batch, e.g. 500ms",
     "dead_letter_topic": "Kafka: also produce dead letters to this topic (headers: origin)",
     "metrics_port": "serve Prometheus metrics on this port while running (0 = off)",
+    "workers": (
+        "run on a local dask cluster of N workers (one per GPU with dask-cuda, else N worker "
+        "processes); 0 = one process"
+    ),
+    "scheduler": "run on an existing dask cluster: its scheduler's address, tcp://HOST:PORT",
     "idle_partition_timeout_ms": (
         "Kafka, opt-in: after this long without messages a partition's watermark follows the "
         "wall clock, so its windows and sessions close (not deterministic on replay)"
@@ -109,7 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--rate", default=None, help="Kafka: events per second (default: as fast as possible)"
     )
-    gen.add_argument("--partitions", default=None, help="Kafka: partitions when creating the topic")
+    gen.add_argument(
+        "--partitions",
+        default=None,
+        help=(
+            "Kafka: partitions when creating the topic; files: write this many NDJSON files "
+            "into the directory --out (one partition each, records keyed by user)"
+        ),
+    )
 
     run = sub.add_parser("run", help="run the pipeline")
     _add_run_options(run)
@@ -148,6 +160,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from gpu_pipeline.runtime.pipeline import Pipeline
 
     config = load_config(_options(args, OPTION_NAMES), config_file=args.config_file)
+    if config.workers or config.scheduler:
+        from gpu_pipeline.cluster.report import cmd_run_cluster
+
+        return cmd_run_cluster(config, console)
     pipeline = Pipeline(config)
     err = Console(stderr=True)
     err.print(pipeline.engine_message)

@@ -146,6 +146,26 @@ def _port(option: str, value: Any) -> int:
     return port
 
 
+def _scheduler(option: str, value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        return ""
+    parts = urlsplit(text if "://" in text else f"tcp://{text}")
+    if parts.scheme not in ("tcp", "tls", "ws", "wss", "ucx") or not parts.hostname:
+        raise ConfigError(
+            option, f"expected a dask scheduler address tcp://HOST:PORT, got {value!r}"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not port:
+        raise ConfigError(
+            option, f"expected a dask scheduler address tcp://HOST:PORT, got {value!r}"
+        )
+    return parts.geturl()
+
+
 def _text(option: str, value: Any) -> str:
     return str(value)
 
@@ -193,6 +213,8 @@ class RunConfig:
     dead_letter_topic: str = ""
     idle_partition_timeout_ms: int = 0
     metrics_port: int = 0
+    workers: int = 0
+    scheduler: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def semantics(self) -> Semantics:
@@ -233,6 +255,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "dead_letter_topic": _text,
     "idle_partition_timeout_ms": parse_duration_ms,
     "metrics_port": _port,
+    "workers": non_negative_int,
+    "scheduler": _scheduler,
 }
 OPTION_NAMES: tuple[str, ...] = tuple(_PARSERS)
 _ALIASES = {

@@ -37,6 +37,10 @@ class Outbox:
         """Forget ``partition``'s rows (it left this process without a checkpoint)."""
         self.take(partition)
 
+    def rows_of(self, partition: int) -> int:
+        """Rows waiting for ``partition``."""
+        return sum(t.num_rows for parts in self._tables.get(partition, {}).values() for t in parts)
+
     @property
     def rows(self) -> int:
         """Rows waiting, over every partition and table."""

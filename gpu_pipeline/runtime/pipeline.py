@@ -69,8 +69,8 @@ class RunResult:
     stopped: bool = False
 
 
-def open_source(config: RunConfig) -> Source:
-    """The source named by ``--source``."""
+def open_source(config: RunConfig, partitions: list[int] | None = None) -> Source:
+    """The source named by ``--source`` (a file source limited to ``partitions`` if given)."""
     if config.source == "synthetic":
         from gpu_pipeline.sources.synthetic import SyntheticSource
 
@@ -78,7 +78,7 @@ def open_source(config: RunConfig) -> Source:
     if config.source.startswith("file:"):
         from gpu_pipeline.sources.files import FileSource
 
-        return FileSource(config.source[len("file:") :])
+        return FileSource(config.source[len("file:") :], partitions)
     if config.source.startswith("kafka://"):
         raise ConfigError(
             "source", "a Kafka source is opened by the Pipeline (it needs checkpoints)"
@@ -101,10 +101,20 @@ class Pipeline:
     """One job: a source, an engine, a sink and the checkpoints that tie them together."""
 
     def __init__(
-        self, config: RunConfig, *, sink: Sink | None = None, backend: Backend | None = None
+        self,
+        config: RunConfig,
+        *,
+        sink: Sink | None = None,
+        backend: Backend | None = None,
+        member: int | None = None,
+        job: str | None = None,
     ) -> None:
+        """``member`` numbers this consumer among a cluster's Kafka consumers of the job (it
+        names the static group member); None for a single-process run.  ``job`` is the job
+        id a cluster's client decided (its workers do not recompute or check it)."""
+        self.member = member
         self.identity = job_identity(config)
-        self.job_id = job_id(config)
+        self.job_id = job or job_id(config)
         if config.source.startswith("kafka://"):
             config = replace(config, group_id=consumer_group(config, self.job_id))
         self.config = config
@@ -118,7 +128,7 @@ class Pipeline:
         self.store = CheckpointStore(
             Path(config.checkpoint_dir) / self.job_id, self.job_id, self.identity
         )
-        if config.job_id and not config.fresh:
+        if config.job_id and not config.fresh and job is None:
             self._check_named_job()
         self.decoder = make_decoder()
         self.processors: dict[int, PartitionProcessor] = {}
@@ -201,6 +211,15 @@ class Pipeline:
 
     def run(self, progress: str | None = None) -> RunResult:
         """Run until the source ends (then flush) or a stop is requested."""
+        finished = self.prepare()
+        if finished is not None:
+            return finished
+        return self.process(progress)
+
+    def prepare(self) -> RunResult | None:
+        """The job-level start: open the sink, forget the checkpoint (``--fresh``), make sure
+        the database holds this job's output, and return the result at once if the job
+        already ran to completion.  A cluster run does this once, in the client."""
         self.sink.open()
         if self.config.fresh:
             self.store.reset()
@@ -211,12 +230,24 @@ class Pipeline:
                 self._resume(partition, replays=False)
             self._check_sink_holds_output()
             return RunResult(self.metrics, self.backend.name, True, already_complete=True)
+        return None
+
+    def process(
+        self, progress: str | None = None, *, partitions: list[int] | None = None
+    ) -> RunResult:
+        """Read, compute and checkpoint until the source ends (then flush) or a stop.
+
+        ``partitions`` restricts a file source to those partitions (a cluster worker's
+        share); the job is then marked complete by the client, not here, once every
+        partition is done.
+        """
         if not self.config.source.startswith("kafka://"):
             # Kafka partitions are restored when assigned (the source calls _resume),
             # so a consumer never touches the state of partitions another one owns.
             for partition in self.store.known_partitions():
-                self._resume(partition)
-        source = self._open_source()
+                if partitions is None or partition in partitions:
+                    self._resume(partition)
+        source = self._open_source(partitions)
         self.source = source
         total = self.config.events if self.config.source == "synthetic" else None
         last_checkpoint = time.monotonic()
@@ -227,8 +258,9 @@ class Pipeline:
                     display.update(self.metrics, self._detail() if display.enabled else "")
                     if self._stop.is_set():
                         break
-                    if self._checkpoint_due(last_checkpoint):
-                        self.checkpoint()
+                    due = self._checkpoint_due(raw.partition, last_checkpoint)
+                    if due:
+                        self.checkpoint(None if due is True else [raw.partition])
                         last_checkpoint = time.monotonic()
                 stopped = self._stop.is_set()
                 if not stopped:
@@ -240,8 +272,13 @@ class Pipeline:
                         f"interrupted checkpoint covered ({self._boundary}): the input shrank "
                         "since the crash (file rewritten, Kafka retention); rerun with --fresh"
                     )
-                if not stopped and source.bounded and not self.config.source.startswith("kafka://"):
-                    self.store.mark_complete()
+                bounded_files = source.bounded and not self.config.source.startswith("kafka://")
+                if not stopped and bounded_files:
+                    if partitions is None:
+                        self.store.mark_complete()
+                    else:
+                        for partition in partitions:
+                            self.store.mark_partition_done(partition)
                 display.update(self.metrics, self._detail() if display.enabled else "")
         finally:
             source.close()
@@ -352,27 +389,32 @@ class Pipeline:
                 "write the whole job again"
             )
 
-    def _checkpoint_due(self, last_checkpoint: float) -> bool:
-        """Whether to checkpoint after this batch.
+    def _checkpoint_due(self, partition: int, last_checkpoint: float) -> bool | str:
+        """Whether to checkpoint after this batch of ``partition``: True for every partition,
+        ``"partition"`` for this one alone, False for none.
 
-        ``--checkpoint-interval 0`` checkpoints after every batch.  Otherwise a checkpoint is
-        due once :data:`CHECKPOINT_ROWS` output rows wait, and, for Kafka, once the interval
-        has passed.  Files and the synthetic source ignore the clock: their checkpoints then
-        fall at the same positions in every run, so a ``--fresh`` rerun cuts the same blocks
-        and ClickHouse drops them as duplicates.
+        ``--checkpoint-interval 0`` checkpoints after every batch.  For Kafka a checkpoint is
+        due once the interval has passed or :data:`CHECKPOINT_ROWS` output rows wait.  Files
+        and the synthetic source ignore the clock and count rows per partition: a partition's
+        checkpoints then fall at the same positions in every run, whether one process reads
+        every partition or each worker of a cluster reads some, so a rerun cuts the same
+        blocks and ClickHouse drops them as duplicates.
         """
         interval_ms = self.config.checkpoint_interval_ms
-        if interval_ms == 0 or self.outbox.rows >= CHECKPOINT_ROWS:
+        if interval_ms == 0:
             return True
-        timed = self.config.source.startswith("kafka://")
-        return timed and time.monotonic() - last_checkpoint >= interval_ms / 1000
+        if not self.config.source.startswith("kafka://"):
+            return "partition" if self.outbox.rows_of(partition) >= CHECKPOINT_ROWS else False
+        if self.outbox.rows >= CHECKPOINT_ROWS:
+            return True
+        return time.monotonic() - last_checkpoint >= interval_ms / 1000
 
     def _cuts(self) -> str:
         """How this run cuts batches and checkpoints (what a rerun must match)."""
         every = "batch" if self.config.checkpoint_interval_ms == 0 else f"{CHECKPOINT_ROWS} rows"
         return f"batch_size={self.config.batch_size}, checkpoint every {every}"
 
-    def _open_source(self) -> Source:
+    def _open_source(self, partitions: list[int] | None = None) -> Source:
         if self.config.source.startswith("kafka://"):
             from gpu_pipeline.sources.kafka import KafkaSource
             from gpu_pipeline.state.journal import BatchJournal
@@ -392,8 +434,9 @@ class Pipeline:
                 journal=self.journal,
                 resume=self._resume,
                 on_revoke=self._on_revoke,
+                member=self.member,
             )
-        return open_source(self.config)
+        return open_source(self.config, partitions)
 
     def _resume(self, partition: int, replays: bool = True) -> int | None:
         """Restore ``partition`` from its checkpoint; its next position, or None if it has none.

@@ -426,11 +426,15 @@ class KafkaSource(Source):
         journal: BatchJournal,
         resume: Callable[[int], int | None],
         on_revoke: Callable[[list[int]], None] | None,
+        member: int | None = None,
     ) -> KafkaSource:
         """The source named by ``config.source`` (``kafka://HOST:PORT/TOPIC[?prop=value]``).
 
         Joins the group as a static member (:func:`static_instance_id`) unless the URL
-        chooses ``group.protocol=consumer`` or its own ``group.instance.id``.
+        chooses ``group.protocol=consumer`` or its own ``group.instance.id``.  ``member``
+        numbers the consumer among a cluster run's consumers of the job: each is its own
+        static member, and a consumer task rerun on another worker after its worker died
+        rejoins under the dead one's name and takes its partitions back at once.
         """
         from gpu_pipeline.runtime.job import consumer_group
         from gpu_pipeline.runtime.job import job_id as job_id_of
@@ -439,7 +443,7 @@ class KafkaSource(Source):
         job_id = job_id or job_id_of(config)
         config = replace(config, group_id=consumer_group(config, job_id))
         if str(properties.get("group.protocol", "classic")).lower() == "classic":
-            properties.setdefault("group.instance.id", static_instance_id(config, job_id))
+            properties.setdefault("group.instance.id", static_instance_id(config, job_id, member))
         return cls(
             bootstrap,
             topic,
@@ -916,14 +920,23 @@ def _is_cooperative(config: dict[str, Any]) -> bool:
     return "cooperative-sticky" in str(config.get("partition.assignment.strategy", ""))
 
 
-def static_instance_id(config: RunConfig, job_id: str = "") -> str:
+def static_instance_id(config: RunConfig, job_id: str = "", member: int | None = None) -> str:
     """A ``group.instance.id`` naming this pipeline: host, checkpoint directory, group and job.
 
     With it a pipeline that restarts after a crash takes its partitions back at once (a
     classic-protocol static member), and gets the same ones, so its local checkpoint is the
     one that matches them.  Two processes on one checkpoint directory would be one job run
     twice: the broker fences the older one.
+
+    A cluster run's consumers (``member`` 0, 1, ...) share the job's checkpoint location and
+    may run on any host, so their names are the group, the job and the member number only:
+    a consumer task that dask reruns elsewhere after its worker died rejoins as the same
+    member.
     """
+    if member is not None:
+        where = f"{config.group_id}|{job_id}"
+        digest = hashlib.sha256(where.encode()).hexdigest()[:12]
+        return f"gpu-pipeline-{digest}-m{member}"
     checkpoints = Path(config.checkpoint_dir).resolve()
     where = f"{socket.gethostname()}|{checkpoints}|{config.group_id}|{job_id}"
     digest = hashlib.sha256(where.encode()).hexdigest()[:12]

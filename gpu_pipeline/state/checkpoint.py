@@ -8,6 +8,9 @@ move to another consumer of the group with its state)::
     p3/ckpt-000000042/<operator>.arrow  one Arrow IPC file per operator state
     p3/INTENT                  -> the position the next checkpoint of partition 3 writes up to,
                                   recorded before its rows are inserted
+    p3/DONE                    -> a cluster run's partition 3 (a file) was read and flushed to
+                                  its end
+    p3/LEASE                   -> locked (flock) by the process that works on partition 3
     COMPLETE                   -> written when a bounded job has flushed everything
     JOB.json                   -> the job's identity (source, sink, database, semantics; no secrets)
     sinks/<key>                -> one marker per database the job has written to
@@ -18,9 +21,13 @@ crash at any instant leaves either the old or the new checkpoint, never half of 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,10 @@ CURRENT = "CURRENT"
 COMPLETE = "COMPLETE"
 JOB = "JOB.json"
 INTENT = "INTENT"
+DONE = "DONE"
+LEASE = "LEASE"
+LEASE_WAIT_S = 60.0
+"""How long a process waits for a partition another process still works on."""
 
 
 @dataclass
@@ -112,11 +123,25 @@ class CheckpointStore:
             sequence=int(manifest["sequence"]),
         )
 
+    def counters(self, partition: int) -> dict[str, int]:
+        """The counters of ``partition``'s newest checkpoint (its manifest only; {} if none)."""
+        folder = self.directory / f"p{partition}"
+        try:
+            current = folder / (folder / CURRENT).read_text().strip()
+            manifest = json.loads((current / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            if not (folder / CURRENT).is_file():
+                return {}
+            raise CheckpointError(
+                f"checkpoint of partition {partition} is unreadable ({exc})"
+            ) from exc
+        return {k: int(v) for k, v in manifest["counters"].items()}
+
     def save(self, partition: int, checkpoint: PartitionCheckpoint) -> None:
         """Write ``checkpoint`` durably, then make it the partition's current one."""
         folder = self.directory / f"p{partition}"
         folder.mkdir(parents=True, exist_ok=True)
-        self._describe_job()
+        self.describe_job()
         checkpoint.sequence += 1
         name = f"ckpt-{checkpoint.sequence:09d}"
         staging = folder / f".{name}.tmp"
@@ -147,7 +172,7 @@ class CheckpointStore:
             if entry.name.startswith(("ckpt-", ".ckpt-")) and entry.name != name:
                 shutil.rmtree(entry, ignore_errors=True)
 
-    def _describe_job(self) -> None:
+    def describe_job(self) -> None:
         """Write JOB.json once, so a person (and an error message) can tell whose this is."""
         path = self.directory / JOB
         if self.identity is not None and not path.exists():
@@ -204,6 +229,52 @@ class CheckpointStore:
             return int(position), kind == "flush"
         except (OSError, ValueError):
             return None
+
+    def mark_partition_done(self, partition: int) -> None:
+        """Record that ``partition`` was read to its end and flushed (a cluster worker's
+        share of a bounded job; a rerun of its task then does nothing)."""
+        folder = self.directory / f"p{partition}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_durably(folder / DONE, b"done\n")
+        fsync_directory(folder)
+
+    def partition_done(self, partition: int) -> bool:
+        """Whether :meth:`mark_partition_done` was recorded for ``partition``."""
+        return (self.directory / f"p{partition}" / DONE).is_file()
+
+    @contextmanager
+    def lease(self, partition: int, wait_s: float = LEASE_WAIT_S) -> Iterator[None]:
+        """Hold ``partition`` exclusively while working on it.
+
+        An advisory ``flock`` on ``p<n>/LEASE``: the kernel releases it when its process
+        dies, so a task rerun after its worker was killed gets it at once, while a second
+        live process on the same partition (a task run twice) waits, then fails, instead
+        of writing the same checkpoints concurrently.  On NFS, Linux maps it to a POSIX
+        lock, which the server keeps.
+        """
+        folder = self.directory / f"p{partition}"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                        raise CheckpointError(
+                            f"partition {partition} of job {self.job_id} is held by another "
+                            f"process ({holder or 'unknown'}) for more than {wait_s:.0f} s: the "
+                            "same job runs twice; stop the other run first"
+                        ) from None
+                    time.sleep(0.2)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def is_complete(self) -> bool:
         """True once a bounded job has flushed and checkpointed everything."""

@@ -1,0 +1,142 @@
+"""Blocks on their way from cluster workers to the one process that owns an embedded ClickHouse.
+
+chdb serves a data folder to one process at a time, so with a ``chdb://`` sink the workers
+of a cluster run cannot insert themselves.  Instead a worker's checkpoint *stages* each
+block it would insert: an Arrow IPC file, written durably under the job's shared
+checkpoint location, carrying its table and insert token.  The client's
+:class:`StagedWriter` inserts staged blocks with those tokens and deletes each file once
+its insert returned.
+
+Exactly-once is the single-process argument with one more durable step: a block is staged
+(fsynced, renamed into place) before the worker's state snapshot, so once the state moves
+past a block the block is either inserted or still staged; the writer inserts every staged
+block, a crash between its insert and its delete inserts it again under the same token, and
+ClickHouse drops the duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from gpu_pipeline.errors import SinkError
+from gpu_pipeline.sinks.base import Sink
+from gpu_pipeline.state.durable import fsync_directory
+
+MAX_STAGED = 256
+"""Staged blocks waiting for the writer beyond which a worker waits (bounds disk use)."""
+_TABLE, _TOKEN = b"gpu_pipeline.table", b"gpu_pipeline.token"
+
+
+def staged_path(directory: Path, token: str) -> Path:
+    """Where the block with ``token`` is staged (one file per token, so a replay overwrites)."""
+    return directory / f"{hashlib.sha256(token.encode()).hexdigest()[:40]}.arrow"
+
+
+class StagedSink(Sink):
+    """A worker's sink for a chdb job: every write becomes a durable staged block."""
+
+    def __init__(self, directory: str | os.PathLike[str], target: str) -> None:
+        self.directory = Path(directory)
+        self.target = target
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def write(self, table: str, rows: pa.Table, token: str) -> None:
+        if not rows.num_rows:
+            return
+        while len(list(self.directory.glob("*.arrow"))) >= MAX_STAGED:
+            time.sleep(0.05)  # the writer is behind: wait rather than fill the disk
+        final = staged_path(self.directory, token)
+        staging = final.with_name(f".{final.stem}.{os.getpid()}.tmp")
+        metadata = {_TABLE: table.encode(), _TOKEN: token.encode()}
+        rows = rows.replace_schema_metadata(metadata)
+        with open(staging, "wb") as handle:
+            with ipc.new_file(handle, rows.schema) as writer:
+                writer.write_table(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, final)
+        fsync_directory(self.directory)
+
+    def query(self, sql: str) -> pa.Table:
+        raise SinkError(
+            "a cluster worker of a chdb job does not query the embedded ClickHouse; "
+            "the client process owns it"
+        )
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"{self.target} (blocks staged for the client's writer)"
+
+
+class StagedWriter:
+    """The client's single writer: inserts staged blocks into ``sink``, then deletes them.
+
+    :meth:`start` drains in a background thread until :meth:`stop`, which drains what is
+    left and re-raises the first insert error, if any.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], sink: Sink) -> None:
+        self.directory = Path(directory)
+        self.sink = sink
+        self.blocks = 0
+        self.rows = 0
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def drain(self) -> int:
+        """Insert and delete every staged block; how many there were."""
+        done = 0
+        for path in sorted(self.directory.glob("*.arrow")):
+            try:
+                with ipc.open_file(pa.OSFile(str(path), "rb")) as reader:
+                    rows = reader.read_all()
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise SinkError(f"staged block {path} is unreadable: {exc}") from exc
+            metadata = rows.schema.metadata or {}
+            table, token = metadata[_TABLE].decode(), metadata[_TOKEN].decode()
+            self.sink.write(table, rows.replace_schema_metadata(None), token)
+            path.unlink()
+            done += 1
+            self.rows += rows.num_rows
+        self.blocks += done
+        return done
+
+    def start(self) -> None:
+        """Drain in the background every 100 ms."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._loop, name="staged-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self.drain():
+                    self._stop.wait(0.1)
+            except BaseException as exc:  # reported by check() and stop()
+                self._error = exc
+                return
+
+    def check(self) -> None:
+        """Re-raise an insert error of the background thread."""
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop the thread, insert what is still staged, and re-raise any error."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.check()
+        self.drain()
