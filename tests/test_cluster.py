@@ -74,7 +74,8 @@ def test_a_file_job_on_n_workers_writes_the_single_process_tables(
 
 
 def worker_processes(parent: int) -> list[psutil.Process]:
-    """The dask worker processes of a ``--workers`` run (children of its nannies)."""
+    """The dask worker processes of a ``--workers`` run (children of its nannies, started
+    through ``multiprocessing.spawn``; not the resource tracker)."""
     try:
         children = psutil.Process(parent).children(recursive=True)
     except psutil.NoSuchProcess:
@@ -82,7 +83,7 @@ def worker_processes(parent: int) -> list[psutil.Process]:
     found = []
     for c in children:
         try:
-            if c.status() != psutil.STATUS_ZOMBIE and "multiprocessing" in " ".join(c.cmdline()):
+            if c.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(c.cmdline()):
                 found.append(c)
         except psutil.Error:
             continue
@@ -119,6 +120,7 @@ def test_workers_killed_at_random_moments_change_nothing(
     finally:
         if child.poll() is None:
             child.kill()
+    assert "Restarting worker" in run.log_tail(200_000), "no worker died: the test proves little"
     assert_same_tables(run.tables(), expected)
 
 
