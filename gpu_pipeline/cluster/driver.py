@@ -110,10 +110,21 @@ class ClusterRun:
         failure: BaseException | None = None
         try:
             reports, failure = self._wait(specs, progress, writer)
+        except Exception as exc:
+            if not _scheduler_lost(exc):
+                raise
+            reports = []
+            failure = ClusterError(
+                f"lost the connection to the dask scheduler ({self.handle.kind}): "
+                f"{type(exc).__name__}; the workers' tasks stop by themselves once they miss "
+                "the heartbeat, and what they checkpointed is kept: run the same command "
+                "again, once the scheduler is back, to resume"
+            )
         finally:
             self._stop.set()
             beating.join(timeout=HEARTBEAT_S * 2)
-            control.set({"beat": -1, "stop": True})
+            with contextlib.suppress(Exception):  # the scheduler may be gone
+                control.set({"beat": -1, "stop": True})
             if writer is not None:
                 writer.stop()
                 outcome.staged_blocks = writer.blocks
@@ -253,6 +264,14 @@ def _partition_count(config: RunConfig) -> int:
 
         return FileSource(config.source).partition_count
     return 1  # the synthetic source is one partition
+
+
+def _scheduler_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the client lost its scheduler (not that a task failed)."""
+    from distributed.client import FuturesCancelledError
+    from distributed.comm.core import CommClosedError
+
+    return isinstance(exc, FuturesCancelledError | CommClosedError | OSError)
 
 
 def _explain(failure: BaseException) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -45,15 +44,27 @@ class StagedSink(Sink):
     def __init__(self, directory: str | os.PathLike[str], target: str) -> None:
         self.directory = Path(directory)
         self.target = target
+        self._abandoned = threading.Event()
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+
+    def abandon(self) -> None:
+        """The client (the writer) is gone: a write that waits for room fails instead of
+        waiting forever.  The checkpoint it belonged to is then not taken, and the next
+        owner of the partition replays it under the same tokens."""
+        self._abandoned.set()
 
     def write(self, table: str, rows: pa.Table, token: str) -> None:
         if not rows.num_rows:
             return
         while len(list(self.directory.glob("*.arrow"))) >= MAX_STAGED:
-            time.sleep(0.05)  # the writer is behind: wait rather than fill the disk
+            # the writer is behind: wait rather than fill the disk
+            if self._abandoned.wait(0.05):
+                raise SinkError(
+                    f"{MAX_STAGED} blocks are staged in {self.directory} and the client that "
+                    "inserts them is gone; this task stops, and a rerun of the job inserts them"
+                )
         final = staged_path(self.directory, token)
         staging = final.with_name(f".{final.stem}.{os.getpid()}.tmp")
         metadata = {_TABLE: table.encode(), _TOKEN: token.encode()}

@@ -9,6 +9,7 @@ group as the same static member and resumes every partition it gets from its che
 
 from __future__ import annotations
 
+import os
 import resource
 import threading
 import time
@@ -19,10 +20,25 @@ from typing import Any
 from gpu_pipeline.cluster.plugin import ClusterSetupError, worker_backend
 from gpu_pipeline.config import RunConfig
 
+REPORT_EVERY_S = 1.0
 DRIVER_SILENCE_S = 30.0
 """A task stops (checkpointing first) when the client's heartbeat is this old: the client
-died, and with an external scheduler nobody else would stop it."""
-REPORT_EVERY_S = 1.0
+died, and with an external scheduler nobody else would stop it.  A worker's environment
+variable ``GPU_PIPELINE_CLIENT_SILENCE_S`` sets another value."""
+
+
+def client_silence_s() -> float:
+    """How long this worker's tasks outlive a silent client (see :data:`DRIVER_SILENCE_S`)."""
+    text = os.environ.get("GPU_PIPELINE_CLIENT_SILENCE_S", "")
+    try:
+        value = float(text) if text else DRIVER_SILENCE_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ClusterSetupError(
+            f"GPU_PIPELINE_CLIENT_SILENCE_S must be a positive number of seconds, got {text!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,7 @@ def run_task(spec: TaskSpec) -> dict[str, Any]:
 
     worker = get_worker()
     backend, _ = worker_backend()
+    silence_s = client_silence_s()
     if not Path(spec.reachable).is_file():
         raise ClusterSetupError(
             f"worker {worker.address} cannot see the job's checkpoint location "
@@ -68,7 +85,7 @@ def run_task(spec: TaskSpec) -> dict[str, Any]:
         config, sink=sink, backend=backend, job=spec.job, member=spec.member if kafka else None
     )
     started = time.perf_counter()
-    watcher = _Watcher(get_client(), spec, pipeline, worker.address, started)
+    watcher = _Watcher(get_client(), spec, pipeline, worker.address, started, silence_s)
     try:
         if not kafka:
             assert spec.partition is not None
@@ -118,12 +135,15 @@ class _Watcher:
     """A task's link to the client: stops the pipeline when told to (Ctrl-C in the client)
     or when the client's heartbeat goes quiet, and publishes the task's progress."""
 
-    def __init__(self, client: Any, spec: TaskSpec, pipeline: Any, address: str, t0: float):
+    def __init__(
+        self, client: Any, spec: TaskSpec, pipeline: Any, address: str, t0: float, silence_s: float
+    ):
         from distributed import Variable
 
         self.control = Variable(spec.control, client=client)
         self.progress = Variable(f"{spec.control}-{spec.name}", client=client)
         self.spec, self.pipeline, self.address, self.t0 = spec, pipeline, address, t0
+        self.silence_s = silence_s
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gpu-pipeline-watch", daemon=True)
 
@@ -149,6 +169,9 @@ class _Watcher:
                     return
                 if state.get("beat") != last_beat:
                     last_beat, heard = state.get("beat"), time.monotonic()
-            if time.monotonic() - heard > DRIVER_SILENCE_S:
+            if time.monotonic() - heard > self.silence_s:
+                abandon = getattr(self.pipeline.sink, "abandon", None)
+                if abandon is not None:
+                    abandon()  # nobody inserts staged blocks any more
                 self.pipeline.request_stop()
                 return
