@@ -17,7 +17,7 @@ COPY pyproject.toml README.md ./
 COPY gpu_pipeline ./gpu_pipeline
 COPY kernels ./kernels
 RUN pip install --no-cache-dir --upgrade pip \
-    && pip install --no-cache-dir -e '.[gpu]' --extra-index-url=https://pypi.nvidia.com \
+    && pip install --no-cache-dir -e '.[gpu,s3]' --extra-index-url=https://pypi.nvidia.com \
     && pip install --no-cache-dir cuda-bindings nvidia-cuda-nvrtc-cu12 \
     && python -c "from gpu_pipeline.backend.kernels import load_cpu; load_cpu()"
 COPY notebooks ./notebooks

@@ -50,7 +50,8 @@ _RUN_HELP = {
     "metrics_port": "serve Prometheus metrics on this port while running (0 = off)",
     "workers": (
         "run on a local dask cluster of N workers (one per GPU with dask-cuda, else N worker "
-        "processes); 0 = one process"
+        "processes); 0 = one process. With --scheduler: wait for N of its workers first "
+        "(a Kafka job runs one consumer per worker connected at the start)"
     ),
     "scheduler": "run on an existing dask cluster: its scheduler's address, tcp://HOST:PORT",
     "idle_partition_timeout_ms": (

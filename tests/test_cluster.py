@@ -73,6 +73,19 @@ def test_a_file_job_on_n_workers_writes_the_single_process_tables(
     assert "already ran to completion" in run.log_tail()
 
 
+@pytest.mark.gpu
+def test_a_file_job_on_a_local_cuda_cluster_writes_the_single_process_tables(
+    partitioned: tuple[Path, str, Tables], tmp_path: Path
+) -> None:
+    """One dask-cuda worker per GPU (here: one), the GPU engine, the CPU run's tables."""
+    pytest.importorskip("dask_cuda", reason="dask-cuda (the gpu extra) is not installed")
+    _, source, expected = partitioned
+    run = job(tmp_path, source, "cuda", "--workers", "1", "--engine", "gpu")
+    run.run_ok()
+    assert "LocalCUDACluster" in run.log_tail(20_000)
+    assert_same_tables(run.tables(), expected)
+
+
 def worker_processes(parent: int) -> list[psutil.Process]:
     """The dask worker processes of a ``--workers`` run (children of its nannies, started
     through ``multiprocessing.spawn``; not the resource tracker)."""
@@ -220,7 +233,7 @@ def test_a_wrong_scheduler_address_fails_at_once_naming_it(tmp_path: Path) -> No
     assert time.monotonic() - started < 60
     with pytest.raises(ConfigError, match="scheduler"):
         load_config({"scheduler": "not an address"})
-    with pytest.raises(ConfigError, match="workers"):
+    with pytest.raises(ConfigError, match="metrics_port"):
         from gpu_pipeline.cluster.report import check_cluster_options
 
-        check_cluster_options(load_config({"workers": 2, "scheduler": "tcp://h:1"}))
+        check_cluster_options(load_config({"workers": 2, "metrics_port": 9400}))

@@ -57,7 +57,8 @@ def usable_gpus() -> int:
 
 
 def open_cluster(workers: int, scheduler: str, engine: str) -> ClusterHandle:
-    """Connect to ``scheduler``, or start ``workers`` local workers: dask-cuda's
+    """Connect to ``scheduler`` (and wait until it has ``workers`` workers, at least one),
+    or start ``workers`` local workers: dask-cuda's
     ``LocalCUDACluster`` (one worker per GPU) when the engine may use GPUs and there are
     some, else ``distributed.LocalCluster`` with one single-threaded worker process each
     (a worker runs one partition at a time; the kernels use its share of the cores)."""

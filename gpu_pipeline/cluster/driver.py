@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_pipeline.cluster.connect import ClusterHandle
-from gpu_pipeline.cluster.tasks import TaskSpec, run_task
+from gpu_pipeline.cluster.tasks import STAGED, TaskSpec, run_task
 from gpu_pipeline.config import RunConfig
 from gpu_pipeline.errors import PipelineError
 from gpu_pipeline.runtime.metrics import ProgressDisplay, RunMetrics
@@ -88,16 +88,15 @@ class ClusterRun:
             return outcome
         store = pipeline.store
         store.describe_job()
-        reachable = store.directory / "clients" / self.nonce
-        reachable.parent.mkdir(parents=True, exist_ok=True)
-        reachable.write_text(f"cluster run {self.nonce}\n")
+        reachable = f"clients/{self.nonce}"
+        store.files.write(reachable, f"cluster run {self.nonce}\n".encode())
         writer = None
-        staged = None
+        staged = False
         if self.config.sink.startswith("chdb://"):  # one process per chdb folder: stage
             from gpu_pipeline.cluster.staging import StagedWriter
 
-            staged = store.directory / "staged"
-            writer = StagedWriter(staged, pipeline.sink)
+            staged = True
+            writer = StagedWriter(store.files.sub(STAGED), pipeline.sink)
             writer.drain()  # blocks a crashed run staged but did not insert
             writer.start()
         self._register_setup()
@@ -105,7 +104,7 @@ class ClusterRun:
         control.set({"beat": 0, "stop": False})
         beating = threading.Thread(target=self._heartbeat, args=(control,), daemon=True)
         beating.start()
-        specs = self._specs(str(reachable), str(staged) if staged else None)
+        specs = self._specs(reachable, staged)
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
@@ -116,9 +115,9 @@ class ClusterRun:
             reports = []
             failure = ClusterError(
                 f"lost the connection to the dask scheduler ({self.handle.kind}): "
-                f"{type(exc).__name__}; the workers' tasks stop by themselves once they miss "
-                "the heartbeat, and what they checkpointed is kept: run the same command "
-                "again, once the scheduler is back, to resume"
+                f"{type(exc).__name__}; what the tasks checkpointed is kept (dask workers "
+                "shut down without their scheduler): restart the scheduler and its workers, "
+                "then run the same command again to resume"
             )
         finally:
             self._stop.set()
@@ -128,7 +127,8 @@ class ClusterRun:
             if writer is not None:
                 writer.stop()
                 outcome.staged_blocks = writer.blocks
-            reachable.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                store.files.remove(reachable)
         if failure is not None:
             raise ClusterError(_explain(failure)) from failure
         stopped = any(r.get("stopped") for r in reports)
@@ -165,7 +165,7 @@ class ClusterRun:
         except Exception as exc:
             raise ClusterError(f"preparing the workers failed: {exc}") from exc
 
-    def _specs(self, reachable: str, staged: str | None) -> list[TaskSpec]:
+    def _specs(self, reachable: str, staged: bool) -> list[TaskSpec]:
         base = dict(
             config=self.config, job=self.job_id, control=self.control_name, reachable=reachable
         )

@@ -16,8 +16,6 @@ from gpu_pipeline.errors import ConfigError
 
 def check_cluster_options(config: RunConfig) -> None:
     """Options that do not go together with a cluster run fail at once, named."""
-    if config.workers and config.scheduler:
-        raise ConfigError("workers", "give --workers (a local cluster) or --scheduler, not both")
     if config.metrics_port:
         raise ConfigError(
             "metrics_port",

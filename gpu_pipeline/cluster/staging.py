@@ -8,7 +8,7 @@ checkpoint location, carrying its table and insert token.  The client's
 its insert returned.
 
 Exactly-once is the single-process argument with one more durable step: a block is staged
-(fsynced, renamed into place) before the worker's state snapshot, so once the state moves
+(written whole and durably) before the worker's state snapshot, so once the state moves
 past a block the block is either inserted or still staged; the writer inserts every staged
 block, a crash between its insert and its delete inserts it again under the same token, and
 ClickHouse drops the duplicate.
@@ -17,37 +17,41 @@ ClickHouse drops the duplicate.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from gpu_pipeline.errors import SinkError
 from gpu_pipeline.sinks.base import Sink
-from gpu_pipeline.state.durable import fsync_directory
+from gpu_pipeline.state.store import StateStore, open_state_store
 
 MAX_STAGED = 256
 """Staged blocks waiting for the writer beyond which a worker waits (bounds disk use)."""
 _TABLE, _TOKEN = b"gpu_pipeline.table", b"gpu_pipeline.token"
 
 
-def staged_path(directory: Path, token: str) -> Path:
-    """Where the block with ``token`` is staged (one file per token, so a replay overwrites)."""
-    return directory / f"{hashlib.sha256(token.encode()).hexdigest()[:40]}.arrow"
+def staged_name(token: str) -> str:
+    """The name of the block with ``token`` (one per token, so a replay overwrites it)."""
+    return f"{hashlib.sha256(token.encode()).hexdigest()[:40]}.arrow"
+
+
+def _staged(files: StateStore) -> list[str]:
+    return [name for name in files.names() if name.endswith(".arrow")]
 
 
 class StagedSink(Sink):
     """A worker's sink for a chdb job: every write becomes a durable staged block."""
 
-    def __init__(self, directory: str | os.PathLike[str], target: str) -> None:
-        self.directory = Path(directory)
+    def __init__(self, location: str | os.PathLike[str] | StateStore, target: str) -> None:
+        self.files = location if isinstance(location, StateStore) else open_state_store(location)
         self.target = target
         self._abandoned = threading.Event()
 
     def open(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        pass
 
     def abandon(self) -> None:
         """The client (the writer) is gone: a write that waits for room fails instead of
@@ -58,24 +62,20 @@ class StagedSink(Sink):
     def write(self, table: str, rows: pa.Table, token: str) -> None:
         if not rows.num_rows:
             return
-        while len(list(self.directory.glob("*.arrow"))) >= MAX_STAGED:
+        while len(_staged(self.files)) >= MAX_STAGED:
             # the writer is behind: wait rather than fill the disk
             if self._abandoned.wait(0.05):
                 raise SinkError(
-                    f"{MAX_STAGED} blocks are staged in {self.directory} and the client that "
-                    "inserts them is gone; this task stops, and a rerun of the job inserts them"
+                    f"{MAX_STAGED} blocks are staged in {self.files.location} and the client "
+                    "that inserts them is gone; this task stops, and a rerun of the job "
+                    "inserts them"
                 )
-        final = staged_path(self.directory, token)
-        staging = final.with_name(f".{final.stem}.{os.getpid()}.tmp")
         metadata = {_TABLE: table.encode(), _TOKEN: token.encode()}
         rows = rows.replace_schema_metadata(metadata)
-        with open(staging, "wb") as handle:
-            with ipc.new_file(handle, rows.schema) as writer:
-                writer.write_table(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, final)
-        fsync_directory(self.directory)
+        buffer = io.BytesIO()
+        with ipc.new_file(buffer, rows.schema) as writer:
+            writer.write_table(rows)
+        self.files.write(staged_name(token), buffer.getvalue())
 
     def query(self, sql: str) -> pa.Table:
         raise SinkError(
@@ -97,8 +97,8 @@ class StagedWriter:
     left and re-raises the first insert error, if any.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], sink: Sink) -> None:
-        self.directory = Path(directory)
+    def __init__(self, location: str | os.PathLike[str] | StateStore, sink: Sink) -> None:
+        self.files = location if isinstance(location, StateStore) else open_state_store(location)
         self.sink = sink
         self.blocks = 0
         self.rows = 0
@@ -109,16 +109,21 @@ class StagedWriter:
     def drain(self) -> int:
         """Insert and delete every staged block; how many there were."""
         done = 0
-        for path in sorted(self.directory.glob("*.arrow")):
+        for name in _staged(self.files):
+            data = self.files.read(name)
+            if data is None:
+                continue
             try:
-                with ipc.open_file(pa.OSFile(str(path), "rb")) as reader:
+                with ipc.open_file(pa.BufferReader(data)) as reader:
                     rows = reader.read_all()
             except (OSError, pa.ArrowInvalid) as exc:
-                raise SinkError(f"staged block {path} is unreadable: {exc}") from exc
+                raise SinkError(
+                    f"staged block {self.files.location}/{name} is unreadable: {exc}"
+                ) from exc
             metadata = rows.schema.metadata or {}
             table, token = metadata[_TABLE].decode(), metadata[_TOKEN].decode()
             self.sink.write(table, rows.replace_schema_metadata(None), token)
-            path.unlink()
+            self.files.remove(name)
             done += 1
             self.rows += rows.num_rows
         self.blocks += done
@@ -126,7 +131,6 @@ class StagedWriter:
 
     def start(self) -> None:
         """Drain in the background every 100 ms."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._thread = threading.Thread(target=self._loop, name="staged-writer", daemon=True)
         self._thread.start()
 

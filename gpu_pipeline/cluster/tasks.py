@@ -14,13 +14,15 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from gpu_pipeline.cluster.plugin import ClusterSetupError, worker_backend
 from gpu_pipeline.config import RunConfig
+from gpu_pipeline.state.store import open_state_store
 
 REPORT_EVERY_S = 1.0
+STAGED = "staged"
+"""The folder of the job's checkpoint location where blocks wait for a chdb writer."""
 DRIVER_SILENCE_S = 30.0
 """A task stops (checkpointing first) when the client's heartbeat is this old: the client
 died, and with an external scheduler nobody else would stop it.  A worker's environment
@@ -51,10 +53,11 @@ class TaskSpec:
     control: str
     """Name of the dask Variable the client beats and sets ``stop`` in."""
     reachable: str
-    """A file the client wrote in the job's checkpoint folder: a worker that cannot see it
-    does not share the checkpoint location."""
-    staged: str | None = None
-    """Stage blocks here for the client's writer (chdb sinks); None: insert directly."""
+    """A file the client wrote in the job's checkpoint location (its name there): a worker
+    that cannot see it does not share the checkpoint location."""
+    staged: bool = False
+    """Stage blocks (in the job's checkpoint location) for the client's writer (chdb sinks);
+    False: insert directly."""
     partition: int | None = None
     """A file partition to read to its end; None for a Kafka consumer task."""
     member: int = 0
@@ -72,14 +75,15 @@ def run_task(spec: TaskSpec) -> dict[str, Any]:
     worker = get_worker()
     backend, _ = worker_backend()
     silence_s = client_silence_s()
-    if not Path(spec.reachable).is_file():
+    files = open_state_store(spec.config.checkpoint_dir).sub(spec.job)
+    if not files.exists(spec.reachable):
         raise ClusterSetupError(
             f"worker {worker.address} cannot see the job's checkpoint location "
-            f"{Path(spec.reachable).parent.parent}: every worker needs the same shared "
-            "directory at the same path (--checkpoint-dir)"
+            f"{files.location}: every worker needs the same shared directory at the same "
+            "path, or the same object-store URL (--checkpoint-dir)"
         )
     config = replace(spec.config, metrics_port=0, progress="never")
-    sink = StagedSink(spec.staged, config.sink) if spec.staged else None
+    sink = StagedSink(files.sub(STAGED), config.sink) if spec.staged else None
     kafka = spec.partition is None
     pipeline = Pipeline(
         config, sink=sink, backend=backend, job=spec.job, member=spec.member if kafka else None

@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -52,6 +51,7 @@ from gpu_pipeline.sinks.base import Sink, open_sink
 from gpu_pipeline.sinks.jobs import record_job, recorded_jobs, row_counts
 from gpu_pipeline.sources.base import RawBatch, Source
 from gpu_pipeline.state.checkpoint import CheckpointStore, PartitionCheckpoint
+from gpu_pipeline.state.store import open_state_store
 
 CHECKPOINT_ROWS = 1_000_000
 """Output rows waiting in the outbox that make a checkpoint due (bounds memory, and for files
@@ -126,7 +126,7 @@ class Pipeline:
         self.semantics = config.semantics()
         self.sink = sink or open_sink(config.sink, config.database)
         self.store = CheckpointStore(
-            Path(config.checkpoint_dir) / self.job_id, self.job_id, self.identity
+            open_state_store(config.checkpoint_dir).sub(self.job_id), self.job_id, self.identity
         )
         if config.job_id and not config.fresh and job is None:
             self._check_named_job()
@@ -324,12 +324,12 @@ class Pipeline:
         wrote_here = self._sink_key in self.store.claimed_sinks()
         if mine is None and has_checkpoint and wrote_here:
             raise CheckpointError(
-                f"this job's checkpoint ({self.store.directory}) says it already wrote to "
+                f"this job's checkpoint ({self.store.location}) says it already wrote to "
                 f"database {db!r} at {redact(self.identity['sink'])}, but the database has no "
                 "record of it: it was dropped or emptied by hand. Run again with --fresh to "
                 "write the whole job again"
             )
-        journaled = any(f.stat().st_size for f in (self.store.directory / "journal").glob("*"))
+        journaled = self.store.journal_has_entries()
         if mine is not None and not has_checkpoint and not journaled:
             # a first run that crashed before its first checkpoint replays its journal
             self._check_rerun_from_start(mine.cuts)
@@ -353,7 +353,7 @@ class Pipeline:
         if self.config.source.startswith("kafka://"):
             raise JobConflictError(
                 f"database {db!r} already holds rows of this Kafka job, but there is no "
-                f"checkpoint to resume from ({self.store.directory}); Kafka batches are cut by "
+                f"checkpoint to resume from ({self.store.location}); Kafka batches are cut by "
                 "time, so reading the topic again from the start would store those rows twice. "
                 "Resume with the job's --checkpoint-dir, or drop the database first "
                 f'(gpu-pipeline query "DROP DATABASE {db}") and run with --fresh'
@@ -419,7 +419,7 @@ class Pipeline:
             from gpu_pipeline.sources.kafka import KafkaSource
             from gpu_pipeline.state.journal import BatchJournal
 
-            self.journal = BatchJournal(self.store.directory / "journal")
+            self.journal = BatchJournal(self.store.files.sub("journal"))
             if self.config.dead_letter_topic:
                 from gpu_pipeline.sources.kafka import parse_kafka_url
                 from gpu_pipeline.sources.kafka_producer import DeadLetterProducer

@@ -59,6 +59,7 @@ from confluent_kafka import (
 from gpu_pipeline.errors import ConfigError, SourceError
 from gpu_pipeline.sources.base import RawBatch, Source
 from gpu_pipeline.state.journal import BatchJournal
+from gpu_pipeline.state.store import is_url
 
 if TYPE_CHECKING:
     from gpu_pipeline.config import RunConfig
@@ -937,7 +938,8 @@ def static_instance_id(config: RunConfig, job_id: str = "", member: int | None =
         where = f"{config.group_id}|{job_id}"
         digest = hashlib.sha256(where.encode()).hexdigest()[:12]
         return f"gpu-pipeline-{digest}-m{member}"
-    checkpoints = Path(config.checkpoint_dir).resolve()
+    location = config.checkpoint_dir
+    checkpoints = location if is_url(location) else Path(location).resolve()
     where = f"{socket.gethostname()}|{checkpoints}|{config.group_id}|{job_id}"
     digest = hashlib.sha256(where.encode()).hexdigest()[:12]
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:60]

@@ -15,29 +15,26 @@ move to another consumer of the group with its state)::
     JOB.json                   -> the job's identity (source, sink, database, semantics; no secrets)
     sinks/<key>                -> one marker per database the job has written to
 
-A checkpoint folder is written completely and fsynced before ``CURRENT`` points at it, so a
-crash at any instant leaves either the old or the new checkpoint, never half of one.
+A checkpoint folder is written completely (and, in a directory, fsynced) before ``CURRENT``
+points at it, so a crash at any instant leaves either the old or the new checkpoint, never
+half of one.  The files live in a :class:`~gpu_pipeline.state.store.StateStore`: a local or
+shared directory, or an fsspec location such as ``s3://bucket/ckpt``.
 """
 
 from __future__ import annotations
 
-import fcntl
+import io
 import json
 import os
-import shutil
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from gpu_pipeline.errors import CheckpointError
-from gpu_pipeline.runtime.faults import crash_point
-from gpu_pipeline.state.durable import fsync_directory, write_durably
+from gpu_pipeline.state.store import LeaseHeld, StateStore, open_state_store
 
 CURRENT = "CURRENT"
 COMPLETE = "COMPLETE"
@@ -45,8 +42,10 @@ JOB = "JOB.json"
 INTENT = "INTENT"
 DONE = "DONE"
 LEASE = "LEASE"
-LEASE_WAIT_S = 60.0
-"""How long a process waits for a partition another process still works on."""
+LEASE_WAIT_S = 120.0
+"""How long a process waits for a partition another process still works on: longer than an
+NFS server keeps a dead host's locks (90 s on Linux) and dask's lease on a dead worker's
+lock (30 s)."""
 
 
 @dataclass
@@ -61,17 +60,22 @@ class PartitionCheckpoint:
 
 
 class CheckpointStore:
-    """Reads and writes the checkpoints of one job in one directory."""
+    """Reads and writes the checkpoints of one job at one location."""
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        location: str | os.PathLike[str] | StateStore,
         job_id: str,
         identity: dict[str, Any] | None = None,
     ) -> None:
-        self.directory = Path(directory)
+        self.files = location if isinstance(location, StateStore) else open_state_store(location)
         self.job_id = job_id
         self.identity = identity
+
+    @property
+    def location(self) -> str:
+        """Where the job's checkpoints are, for messages."""
+        return self.files.location
 
     def partitions(self) -> list[int]:
         """Partitions that have a checkpoint."""
@@ -83,36 +87,51 @@ class CheckpointStore:
 
     def _partitions_with(self, *markers: str) -> list[int]:
         """Partitions whose folder holds any of the files ``markers``."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(
-            int(entry.name[1:])
-            for entry in self.directory.iterdir()
-            if entry.name[:1] == "p"
-            and entry.name[1:].isdigit()
-            and any((entry / marker).is_file() for marker in markers)
-        )
+        found = []
+        for name in self.files.names():
+            if name[:1] == "p" and name[1:].isdigit():
+                inside = set(self.files.names(name))
+                if inside.intersection(markers):
+                    found.append(int(name[1:]))
+        return sorted(found)
+
+    def _manifest(self, partition: int) -> tuple[str, dict[str, Any]] | None:
+        """The folder and manifest of ``partition``'s current checkpoint, or None."""
+        pointer = self.files.read(f"p{partition}/{CURRENT}")
+        if pointer is None:
+            return None
+        current = f"p{partition}/{pointer.decode().strip()}"
+        try:
+            manifest = json.loads(self.files.read(f"{current}/manifest.json") or b"")
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {self.location}/{current} is unreadable ({exc}); restore it from a "
+                "backup or rerun with --fresh (idempotent inserts make a rerun safe)"
+            ) from exc
+        return current, manifest
 
     def load(self, partition: int) -> PartitionCheckpoint | None:
         """The newest checkpoint of ``partition``, or None."""
-        folder = self.directory / f"p{partition}"
-        pointer = folder / CURRENT
-        if not pointer.is_file():
+        found = self._manifest(partition)
+        if found is None:
             return None
-        current = folder / pointer.read_text().strip()
+        current, manifest = found
+        where = f"{self.location}/{current}"
         try:
-            manifest = json.loads((current / "manifest.json").read_text())
             if manifest["job_id"] != self.job_id:
                 raise CheckpointError(
-                    f"checkpoint {current} belongs to job {manifest['job_id']}"
+                    f"checkpoint {where} belongs to job {manifest['job_id']}"
                     f"{self._described(manifest['job_id'])}, not to this run's job {self.job_id}:"
                     " it was copied or moved here; use another --checkpoint-dir, or --fresh to "
                     "start this job over"
                 )
-            state = {name: _read_table(current / f"{name}.arrow") for name in manifest["state"]}
-        except (OSError, json.JSONDecodeError, KeyError, pa.ArrowInvalid) as exc:
+            state = {
+                name: _read_table(self.files.read(f"{current}/{name}.arrow"))
+                for name in manifest["state"]
+            }
+        except (OSError, KeyError, pa.ArrowInvalid) as exc:
             raise CheckpointError(
-                f"checkpoint {current} is unreadable ({exc}); restore it from a backup or rerun "
+                f"checkpoint {where} is unreadable ({exc}); restore it from a backup or rerun "
                 "with --fresh (idempotent inserts make a rerun safe)"
             ) from exc
         return PartitionCheckpoint(
@@ -125,31 +144,16 @@ class CheckpointStore:
 
     def counters(self, partition: int) -> dict[str, int]:
         """The counters of ``partition``'s newest checkpoint (its manifest only; {} if none)."""
-        folder = self.directory / f"p{partition}"
-        try:
-            current = folder / (folder / CURRENT).read_text().strip()
-            manifest = json.loads((current / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            if not (folder / CURRENT).is_file():
-                return {}
-            raise CheckpointError(
-                f"checkpoint of partition {partition} is unreadable ({exc})"
-            ) from exc
-        return {k: int(v) for k, v in manifest["counters"].items()}
+        found = self._manifest(partition)
+        if found is None:
+            return {}
+        return {k: int(v) for k, v in found[1]["counters"].items()}
 
     def save(self, partition: int, checkpoint: PartitionCheckpoint) -> None:
         """Write ``checkpoint`` durably, then make it the partition's current one."""
-        folder = self.directory / f"p{partition}"
-        folder.mkdir(parents=True, exist_ok=True)
         self.describe_job()
         checkpoint.sequence += 1
         name = f"ckpt-{checkpoint.sequence:09d}"
-        staging = folder / f".{name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        for op, table in checkpoint.state.items():
-            _write_table(staging / f"{op}.arrow", table)
-            crash_point("during_snapshot")
         manifest = {
             "job_id": self.job_id,
             "partition": partition,
@@ -159,31 +163,26 @@ class CheckpointStore:
             "counters": checkpoint.counters,
             "batch_size": checkpoint.batch_size,
         }
-        write_durably(staging / "manifest.json", json.dumps(manifest, indent=1).encode())
-        fsync_directory(staging)
-        target = folder / name
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-        pointer_tmp = folder / f".{CURRENT}.tmp"
-        write_durably(pointer_tmp, name.encode())
-        os.replace(pointer_tmp, folder / CURRENT)
-        fsync_directory(folder)
-        for entry in folder.iterdir():
-            if entry.name.startswith(("ckpt-", ".ckpt-")) and entry.name != name:
-                shutil.rmtree(entry, ignore_errors=True)
+        files = {f"{op}.arrow": _table_bytes(table) for op, table in checkpoint.state.items()}
+        files["manifest.json"] = json.dumps(manifest, indent=1).encode()
+        folder = f"p{partition}"
+        self.files.write_folder(f"{folder}/{name}", files)
+        self.files.write(f"{folder}/{CURRENT}", name.encode())
+        for entry in self.files.names(folder):
+            if entry.startswith(("ckpt-", ".ckpt-")) and entry != name:
+                self.files.remove(f"{folder}/{entry}")
 
     def describe_job(self) -> None:
         """Write JOB.json once, so a person (and an error message) can tell whose this is."""
-        path = self.directory / JOB
-        if self.identity is not None and not path.exists():
+        if self.identity is not None and not self.files.exists(JOB):
             text = json.dumps({"job_id": self.job_id, **self.identity}, indent=1, default=str)
-            write_durably(path, text.encode())
+            self.files.write(JOB, text.encode())
 
     def recorded_identity(self) -> dict[str, Any] | None:
         """The identity in JOB.json, or None before the job's first checkpoint."""
         try:
-            recorded = json.loads((self.directory / JOB).read_text())
-        except (OSError, json.JSONDecodeError):
+            recorded = json.loads(self.files.read(JOB) or b"")
+        except json.JSONDecodeError:
             return None
         return recorded if isinstance(recorded, dict) else None
 
@@ -198,107 +197,96 @@ class CheckpointStore:
 
     def claim_sink(self, key: str, description: str) -> None:
         """Remember (durably) that this job writes to the database named by ``key``."""
-        folder = self.directory / "sinks"
-        if (folder / key).is_file():
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        write_durably(folder / key, description.encode())
-        fsync_directory(folder)
+        if not self.files.exists(f"sinks/{key}"):
+            self.files.write(f"sinks/{key}", description.encode())
 
     def claimed_sinks(self) -> set[str]:
         """Keys of every database this job has written to."""
-        folder = self.directory / "sinks"
-        return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        return set(self.files.names("sinks"))
 
     def write_intent(self, partition: int, position: int, flushed: bool) -> None:
         """Record, durably, that the next checkpoint of ``partition`` covers input up to
         ``position`` (and the end-of-input flush, if ``flushed``); written before that
         checkpoint's rows are inserted, so that a replay after a crash cuts its rows at the
         same place, and so sends the same blocks under the same insert tokens."""
-        folder = self.directory / f"p{partition}"
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = folder / ".INTENT.tmp"
-        write_durably(staging, f"{int(position)} {'flush' if flushed else 'batch'}".encode())
-        os.replace(staging, folder / INTENT)
-        fsync_directory(folder)
+        kind = "flush" if flushed else "batch"
+        self.files.write(f"p{partition}/{INTENT}", f"{int(position)} {kind}".encode())
 
     def intent(self, partition: int) -> tuple[int, bool] | None:
         """The recorded intent of ``partition``: (position, flushed), or None."""
         try:
-            position, kind = (self.directory / f"p{partition}" / INTENT).read_text().split()
+            position, kind = (self.files.read(f"p{partition}/{INTENT}") or b"").decode().split()
             return int(position), kind == "flush"
-        except (OSError, ValueError):
+        except ValueError:
             return None
 
     def mark_partition_done(self, partition: int) -> None:
         """Record that ``partition`` was read to its end and flushed (a cluster worker's
         share of a bounded job; a rerun of its task then does nothing)."""
-        folder = self.directory / f"p{partition}"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_durably(folder / DONE, b"done\n")
-        fsync_directory(folder)
+        self.files.write(f"p{partition}/{DONE}", b"done\n")
 
     def partition_done(self, partition: int) -> bool:
         """Whether :meth:`mark_partition_done` was recorded for ``partition``."""
-        return (self.directory / f"p{partition}" / DONE).is_file()
+        return self.files.exists(f"p{partition}/{DONE}")
 
-    @contextmanager
-    def lease(self, partition: int, wait_s: float = LEASE_WAIT_S) -> Iterator[None]:
-        """Hold ``partition`` exclusively while working on it.
-
-        An advisory ``flock`` on ``p<n>/LEASE``: the kernel releases it when its process
-        dies, so a task rerun after its worker was killed gets it at once, while a second
-        live process on the same partition (a task run twice) waits, then fails, instead
-        of writing the same checkpoints concurrently.  On NFS, Linux maps it to a POSIX
-        lock, which the server keeps.
+    def lease(self, partition: int, wait_s: float = LEASE_WAIT_S) -> AbstractContextManager[None]:
+        """Hold ``partition`` exclusively while working on it: a task rerun after its worker
+        was killed gets it at once (or, on an object store, once dask's lease on the dead
+        worker's lock times out), while a second live process on the same partition (a task
+        run twice) waits, then fails, instead of writing the same checkpoints concurrently.
         """
-        folder = self.directory / f"p{partition}"
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LEASE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + wait_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                        raise CheckpointError(
-                            f"partition {partition} of job {self.job_id} is held by another "
-                            f"process ({holder or 'unknown'}) for more than {wait_s:.0f} s: the "
-                            "same job runs twice; stop the other run first"
-                        ) from None
-                    time.sleep(0.2)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+        return _Lease(self, partition, wait_s)
 
     def is_complete(self) -> bool:
         """True once a bounded job has flushed and checkpointed everything."""
-        return (self.directory / COMPLETE).is_file()
+        return self.files.exists(COMPLETE)
 
     def mark_complete(self) -> None:
         """Record that the job ran to its end (a rerun is then a no-op)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_durably(self.directory / COMPLETE, self.job_id.encode())
-        fsync_directory(self.directory)
+        self.files.write(COMPLETE, self.job_id.encode())
+
+    def journal_has_entries(self) -> bool:
+        """Whether the job's batch journal holds any batch (a Kafka run began)."""
+        journal = self.files.sub("journal")
+        return any(journal.read(name) for name in journal.names() if name.endswith(".journal"))
 
     def reset(self) -> None:
         """Forget every checkpoint of this job (``--fresh``)."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self.files.remove()
 
 
-def _write_table(path: Path, table: pa.Table) -> None:
-    with open(path, "wb") as handle:
-        with ipc.new_file(handle, table.schema) as writer:
-            writer.write_table(table)
-        handle.flush()
-        os.fsync(handle.fileno())
+class _Lease(AbstractContextManager[None]):
+    def __init__(self, store: CheckpointStore, partition: int, wait_s: float) -> None:
+        self.store, self.partition, self.wait_s = store, partition, wait_s
+        self._held: AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> None:
+        held = self.store.files.lease(f"p{self.partition}/{LEASE}", self.wait_s)
+        try:
+            held.__enter__()
+        except LeaseHeld as exc:
+            raise CheckpointError(
+                f"partition {self.partition} of job {self.store.job_id} is held by another "
+                f"process ({exc}) for more than {self.wait_s:.0f} s: the same job runs twice; "
+                "stop the other run first"
+            ) from None
+        self._held = held
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._held is not None:
+            self._held.__exit__(*exc)
+            self._held = None
 
 
-def _read_table(path: Path) -> pa.Table:
-    with ipc.open_file(pa.OSFile(str(path), "rb")) as reader:
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def _read_table(data: bytes | None) -> pa.Table:
+    if data is None:
+        raise pa.ArrowInvalid("a state file of the checkpoint is missing")
+    with ipc.open_file(pa.BufferReader(data)) as reader:
         return reader.read_all()

@@ -19,10 +19,9 @@ from __future__ import annotations
 import os
 import re
 import zlib
-from pathlib import Path
 
 from gpu_pipeline.errors import CheckpointError
-from gpu_pipeline.state.durable import fsync_directory
+from gpu_pipeline.state.store import AppendLog, StateStore, open_state_store
 
 _LINE_RE = re.compile(rb"(\d+) (\d+) ([0-9a-f]{8})")
 
@@ -46,58 +45,41 @@ def _decode(line: bytes) -> tuple[int, int] | None:
 class _PartitionLog:
     """The journal of one partition: its entries in memory and its append-only file."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, log: AppendLog, where: str) -> None:
+        self.log = log
+        self.where = where
         self.entries: list[tuple[int, int]] = []
-        self._file = self._open()
+        self._open()
 
-    def _open(self) -> int:
-        """Read the valid prefix of the file, cut off any torn tail, open it for appends."""
+    def _open(self) -> None:
+        """Read the valid prefix of the file and cut off any torn tail."""
+        data = self.log.read()
         valid_bytes = 0
-        if self.path.exists():
-            data = self.path.read_bytes()
-            for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn
-                entry = _decode(line)
-                if entry is None:
-                    break  # garbage from a crash: nothing after it was acknowledged
-                self.entries.append(entry)
-                valid_bytes += len(line) + 1
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if os.fstat(fd).st_size != valid_bytes:
-            os.ftruncate(fd, valid_bytes)
-            os.fsync(fd)
-        if created:
-            os.fsync(fd)
-            fsync_directory(self.path.parent)
-        return fd
+        for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn
+            entry = _decode(line)
+            if entry is None:
+                break  # garbage from a crash: nothing after it was acknowledged
+            self.entries.append(entry)
+            valid_bytes += len(line) + 1
+        if valid_bytes != len(data):
+            self.log.replace(data[:valid_bytes])
 
     def append(self, first: int, next_offset: int) -> None:
-        line = _encode(first, next_offset)
-        written = os.write(self._file, line)
-        if written != len(line):
+        try:
+            self.log.append(_encode(first, next_offset))
+        except OSError as exc:
             raise CheckpointError(
-                f"short write to the batch journal {self.path} ({written} of {len(line)} bytes); "
-                "is the disk full?"
-            )
-        os.fsync(self._file)
+                f"cannot append to the batch journal {self.where}: {exc}"
+            ) from exc
         self.entries.append((first, next_offset))
 
     def rewrite(self, entries: list[tuple[int, int]]) -> None:
         """Replace the file atomically by one holding ``entries`` (a crash keeps old or new)."""
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with open(temporary, "wb") as out:
-            out.write(b"".join(_encode(first, nxt) for first, nxt in entries))
-            out.flush()
-            os.fsync(out.fileno())
-        os.close(self._file)
-        os.replace(temporary, self.path)
-        fsync_directory(self.path.parent)
-        self._file = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.log.replace(b"".join(_encode(first, nxt) for first, nxt in entries))
         self.entries = list(entries)
 
     def close(self) -> None:
-        os.close(self._file)
+        self.log.close()
 
 
 class BatchJournal:
@@ -106,19 +88,14 @@ class BatchJournal:
 
     Parameters
     ----------
-    directory
-        Where the journal files live; created if missing.  Keep it beside the job's
-        checkpoints: the two together describe what was written.
+    location
+        Where the journal files live (a directory or a :class:`StateStore`); created if
+        missing.  Keep it beside the job's checkpoints: the two together describe what was
+        written.
     """
 
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CheckpointError(
-                f"cannot create the batch journal directory {self.directory}: {exc}"
-            ) from exc
+    def __init__(self, location: str | os.PathLike[str] | StateStore) -> None:
+        self.files = location if isinstance(location, StateStore) else open_state_store(location)
         self._logs: dict[int, _PartitionLog] = {}
 
     def _log(self, partition: int) -> _PartitionLog:
@@ -126,7 +103,13 @@ class BatchJournal:
         if log is None:
             if partition < 0:
                 raise ValueError(f"partition must be >= 0, got {partition}")
-            log = _PartitionLog(self.directory / f"p{partition}.journal")
+            name = f"p{partition}.journal"
+            try:
+                log = _PartitionLog(self.files.log(name), f"{self.files.location}/{name}")
+            except OSError as exc:
+                raise CheckpointError(
+                    f"cannot open the batch journal {self.files.location}/{name}: {exc}"
+                ) from exc
             self._logs[partition] = log
         return log
 
