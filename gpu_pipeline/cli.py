@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from rich.console import Console
 
-from gpu_pipeline import __version__
+from gpu_pipeline import __version__, logs
 from gpu_pipeline.config import OPTION_NAMES, RunConfig, load_config, redact
 from gpu_pipeline.errors import ConfigError, PipelineError
 
@@ -90,8 +92,32 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="config_file", default=None, help="TOML config file")
 
 
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-format",
+        default=None,
+        help=(
+            "text (default) or json: one JSON object per stderr line, and the run summary as "
+            "JSON on stdout (also GPU_PIPELINE_LOG_FORMAT)"
+        ),
+    )
+    return common
+
+
+def _log_format(args: argparse.Namespace) -> str:
+    from gpu_pipeline.logs import FORMATS
+
+    value = getattr(args, "log_format", None) or os.environ.get("GPU_PIPELINE_LOG_FORMAT", "text")
+    if value not in FORMATS:
+        raise ConfigError("log_format", f"must be one of {', '.join(FORMATS)}, got {value!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    common = _common_options()
     parser = argparse.ArgumentParser(
         prog="gpu-pipeline",
         description=(
@@ -103,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser(
-        "generate", help="write the synthetic clickstream (NDJSON, Parquet or Kafka)"
+        "generate",
+        help="write the synthetic clickstream (NDJSON, Parquet or Kafka)",
+        parents=[common],
     )
     gen.add_argument("--events", default="1000000", help="number of records")
     gen.add_argument("--seed", default="42", help="random seed")
@@ -124,17 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
 
-    run = sub.add_parser("run", help="run the pipeline")
+    run = sub.add_parser("run", help="run the pipeline", parents=[common])
     _add_run_options(run)
 
-    query = sub.add_parser("query", help="run SQL on the sink and print the result")
+    query = sub.add_parser(
+        "query", help="run SQL on the sink and print the result", parents=[common]
+    )
     query.add_argument("sql", help="the SQL statement")
     query.add_argument("--sink", default=None, help=_RUN_HELP["sink"])
     query.add_argument("--database", default=None, help=_RUN_HELP["database"])
     query.add_argument("--format", choices=("table", "csv", "json"), default="table")
     query.add_argument("--config", dest="config_file", default=None, help="TOML config file")
 
-    doctor = sub.add_parser("doctor", help="check what is usable here")
+    doctor = sub.add_parser("doctor", help="check what is usable here", parents=[common])
     doctor.add_argument("--sink", default=None, help=_RUN_HELP["sink"])
     doctor.add_argument("--database", default=None, help=_RUN_HELP["database"])
     doctor.add_argument(
@@ -165,32 +195,71 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         from gpu_pipeline.cluster.report import cmd_run_cluster
 
         return cmd_run_cluster(config, console)
+    if logs.is_json():
+        config = replace(config, progress="never")
     pipeline = Pipeline(config)
-    err = Console(stderr=True)
-    err.print(pipeline.engine_message)
-    err.print(
+    logs.say(pipeline.engine_message, engine=pipeline.backend.name)
+    logs.say(
         f"source: {redact(config.source)}   sink: {pipeline.describe_sink()}   "
-        f"job: {pipeline.job_id}"
+        f"job: {pipeline.job_id}",
+        source=redact(config.source),
+        sink=pipeline.describe_sink(),
+        database=config.database,
+        job=pipeline.job_id,
     )
     if pipeline.metrics_server is not None:
         from gpu_pipeline.runtime.prometheus import describe
 
-        err.print(describe(pipeline.metrics_server))
+        logs.say(describe(pipeline.metrics_server), metrics_port=config.metrics_port)
     pipeline.install_signal_handlers()
     try:
         result = pipeline.run()
     finally:
         pipeline.close()
     if result.already_complete:
-        err.print("this job already ran to completion; nothing to do (use --fresh to run it again)")
+        logs.say(
+            "this job already ran to completion; nothing to do (use --fresh to run it again)",
+            job=pipeline.job_id,
+            outcome="already complete",
+        )
     elif result.stopped:
-        err.print("stopped: the last batch is checkpointed; run the same command to resume")
+        logs.say(
+            "stopped: the last batch is checkpointed; run the same command to resume",
+            job=pipeline.job_id,
+            outcome="stopped",
+        )
+    if logs.is_json():
+        logs.emit_json(run_summary(result, pipeline.job_id, config.database))
+        return 0
     console.print(summary_table(result.metrics, f"gpu-pipeline run ({result.engine} engine)"))
     console.print(
         f'explore: gpu-pipeline query "SELECT * FROM {config.database}.traffic_1m_total LIMIT 10"',
         style="dim",
     )
     return 0
+
+
+def run_summary(result: Any, job: str, database: str) -> dict[str, Any]:
+    """The run summary as one JSON object (``--log-format json``)."""
+    metrics = result.metrics
+    outcome = (
+        "already complete"
+        if result.already_complete
+        else "stopped"
+        if result.stopped
+        else "completed"
+    )
+    return {
+        "summary": "gpu-pipeline run",
+        "job": job,
+        "database": database,
+        "engine": result.engine,
+        "outcome": outcome,
+        "counters": dict(metrics.counters),
+        "records_this_process": metrics.records_this_process,
+        "elapsed_s": round(metrics.elapsed_s, 3),
+        "records_per_s": round(metrics.rate, 1),
+    }
 
 
 def _sink_config(args: argparse.Namespace) -> RunConfig:
@@ -234,12 +303,25 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     commands = {"generate": cmd_generate, "run": cmd_run, "query": cmd_query, "doctor": cmd_doctor}
     try:
+        logs.configure(_log_format(args))
         return commands[args.command](args, console)
     except ConfigError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        logs.say(
+            f"error: {exc}",
+            level=logging.ERROR,
+            markup=f"[red]error:[/red] {exc}",
+            option=exc.option,
+            error=str(exc),
+        )
         return 2
     except PipelineError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        logs.say(
+            f"error: {exc}",
+            level=logging.ERROR,
+            markup=f"[red]error:[/red] {exc}",
+            error=str(exc),
+            kind=type(exc).__name__,
+        )
         return 1
 
 

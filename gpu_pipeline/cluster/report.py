@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import signal
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from gpu_pipeline import logs
 from gpu_pipeline.config import RunConfig, redact
 from gpu_pipeline.errors import ConfigError
 
@@ -30,16 +32,24 @@ def cmd_run_cluster(config: RunConfig, console: Console) -> int:
     from gpu_pipeline.runtime.metrics import summary_table
 
     check_cluster_options(config)
-    err = Console(stderr=True)
+    if logs.is_json():
+        config = replace(config, progress="never")
 
     def started(run: ClusterRun) -> None:
-        err.print(
+        logs.say(
             f"cluster: {run.handle.kind}, {len(run.handle.workers())} workers"
-            + (f"   dashboard: {run.handle.dashboard}" if run.handle.dashboard else "")
+            + (f"   dashboard: {run.handle.dashboard}" if run.handle.dashboard else ""),
+            cluster=run.handle.kind,
+            workers=len(run.handle.workers()),
+            dashboard=run.handle.dashboard,
         )
-        err.print(
+        logs.say(
             f"source: {redact(config.source)}   sink: {run.pipeline.describe_sink()}   "
-            f"job: {run.job_id}"
+            f"job: {run.job_id}",
+            source=redact(config.source),
+            sink=run.pipeline.describe_sink(),
+            database=config.database,
+            job=run.job_id,
         )
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, run.request_stop)
@@ -47,9 +57,28 @@ def cmd_run_cluster(config: RunConfig, console: Console) -> int:
     outcome = run_on_cluster(config, on_start=started)
     result = outcome.result
     if result.already_complete:
-        err.print("this job already ran to completion; nothing to do (use --fresh to run it again)")
+        logs.say(
+            "this job already ran to completion; nothing to do (use --fresh to run it again)",
+            outcome="already complete",
+        )
     elif result.stopped:
-        err.print("stopped: every partition is checkpointed; run the same command to resume")
+        logs.say(
+            "stopped: every partition is checkpointed; run the same command to resume",
+            outcome="stopped",
+        )
+    if logs.is_json():
+        from gpu_pipeline.cli import run_summary
+
+        summary = run_summary(result, "", config.database)
+        summary.pop("job")
+        summary.update(
+            cluster=outcome.cluster,
+            dashboard=outcome.dashboard,
+            tasks=outcome.tasks,
+            partitions={str(p): c for p, c in sorted(outcome.partitions.items())},
+        )
+        logs.emit_json(summary)
+        return 0
     title = f"gpu-pipeline run ({result.engine} engine, {outcome.cluster})"
     console.print(summary_table(result.metrics, title))
     if outcome.tasks:
