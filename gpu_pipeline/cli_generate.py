@@ -8,7 +8,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from gpu_pipeline.config import non_negative_int, positive_int
+from gpu_pipeline.config import non_negative_int, positive_int, redact
 
 
 def _progress(console: Console) -> Progress:
@@ -78,5 +78,7 @@ def generate(args: argparse.Namespace, console: Console) -> int:
             write_ndjson(out, events, seed, progress=lambda n: bar.update(task, completed=n))
     elapsed = time.perf_counter() - start
     rate_text = f"{events / elapsed:,.0f} records/s" if elapsed > 0 else ""
-    err.print(f"wrote {events:,} records (seed {seed}) to {out} in {elapsed:.2f} s ({rate_text})")
+    err.print(
+        f"wrote {events:,} records (seed {seed}) to {redact(out)} in {elapsed:.2f} s ({rate_text})"
+    )
     return 0

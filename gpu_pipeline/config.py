@@ -104,10 +104,10 @@ def _source(option: str, value: Any) -> str:
     if text.startswith("kafka://"):
         parts = urlsplit(text)
         if not parts.hostname or not parts.port or not parts.path.strip("/"):
-            raise ConfigError(option, f"expected kafka://HOST:PORT/TOPIC, got {value!r}")
+            raise ConfigError(option, f"expected kafka://HOST:PORT/TOPIC, got {redact(text)!r}")
         return text
     raise ConfigError(
-        option, f"expected synthetic, file:PATH or kafka://HOST:PORT/TOPIC, got {value!r}"
+        option, f"expected synthetic, file:PATH or kafka://HOST:PORT/TOPIC, got {redact(text)!r}"
     )
 
 

@@ -10,6 +10,10 @@ as they will in production.
 Topics are created explicitly with their partition count (the broker runs with
 ``auto.create.topics.enable=false``), so every test states the partitioning it
 depends on.
+
+:func:`secure_broker` starts a second broker (always this process's own) that also
+listens with TLS: ``SASL_SSL`` with SCRAM users and ``SSL`` requiring a client
+certificate, from a CA made here with openssl and keytool.
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ import atexit
 import contextlib
 import os
 import random
+import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException
@@ -107,6 +115,11 @@ def unavailable_reason() -> str | None:
     """
     if os.environ.get(BOOTSTRAP_ENV, "").strip():
         return None
+    return _local_broker_reason()
+
+
+def _local_broker_reason() -> str | None:
+    """Why kafka.sh cannot start a broker here (no java, no jars and no mvn), or None."""
     java_home = os.environ.get("JAVA_HOME")
     java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
     if not java or not Path(java).exists():
@@ -186,8 +199,11 @@ def _bindable(port: int) -> bool:
     return True
 
 
-def _kafka_sh(*args: str, timeout_s: float) -> str:
-    """Run kafka.sh and return its stdout; its diagnostics become the error message."""
+def _kafka_sh(*args: str, timeout_s: float, env: dict[str, str] | None = None) -> str:
+    """Run kafka.sh and return its stdout; its diagnostics become the error message.
+
+    ``env`` adds variables (KAFKA_EXTRA_PROPERTIES, KAFKA_SCRAM_FILE) to this process's.
+    """
     try:
         done = subprocess.run(
             ["bash", str(KAFKA_SH), *args],
@@ -195,6 +211,7 @@ def _kafka_sh(*args: str, timeout_s: float) -> str:
             text=True,
             timeout=timeout_s,
             check=False,
+            env={**os.environ, **env} if env else None,
         )
     except subprocess.TimeoutExpired as exc:
         raise KafkaBrokerError(f"kafka.sh {' '.join(args)} took over {timeout_s} s") from exc
@@ -210,3 +227,240 @@ def _kafka_sh_quietly(*args: str) -> None:
     """Best-effort cleanup after a failed start, so no half-started JVM lingers."""
     with contextlib.suppress(KafkaBrokerError):
         _kafka_sh(*args, timeout_s=_STOP_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------- secured broker
+
+_TLS_TOOLS = ("openssl", "keytool")
+_STORE_PASSWORD = "broker-store-pass"
+"""Protects the broker's own keystore and truststore (throwaway files in a temp folder)."""
+
+_secure: SecureBroker | None = None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A test CA and what it signed, as PEM files and Java PKCS12 stores."""
+
+    folder: Path
+    ca: Path
+    """The CA certificate (what clients pass as ``ssl.ca.location``)."""
+    client_cert: Path
+    client_key: Path
+    keystore: Path
+    """The broker's key and certificate chain (PKCS12, ``_STORE_PASSWORD``)."""
+    truststore: Path
+    """The CA for verifying client certificates (PKCS12, ``_STORE_PASSWORD``)."""
+    other_ca: Path
+    """A CA that signed nothing here: trusting it alone must fail verification."""
+    server_cert: Path
+    server_key: Path
+
+
+@dataclass(frozen=True)
+class SecureBroker:
+    """A broker with PLAINTEXT, SASL_SSL (SCRAM) and SSL (client certificate) listeners."""
+
+    port: int
+    sasl_ssl_port: int
+    ssl_port: int
+    tls: TlsFiles
+    users: dict[str, tuple[str, str]] = field(repr=False)
+    """User name -> (SCRAM mechanism, password)."""
+
+    @property
+    def plaintext(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_ssl(self) -> str:
+        return f"127.0.0.1:{self.sasl_ssl_port}"
+
+    @property
+    def ssl(self) -> str:
+        return f"127.0.0.1:{self.ssl_port}"
+
+
+def tls_tools_missing() -> str | None:
+    """Why no TLS material can be made here (openssl or keytool missing), else None."""
+    missing = [tool for tool in _TLS_TOOLS if shutil.which(tool) is None]
+    if missing:
+        return (
+            f"{' and '.join(missing)} not found: the TLS tests make their CA with openssl and "
+            "the broker's truststore with keytool (Debian: apt-get install openssl "
+            "openjdk-17-jdk-headless)"
+        )
+    return None
+
+
+def secure_unavailable_reason() -> str | None:
+    """Why :func:`secure_broker` cannot run here, or None.
+
+    Like :func:`unavailable_reason`, but ``KAFKA_BOOTSTRAP`` does not help (this broker is
+    always started here), and openssl and keytool are needed for its TLS files.
+    """
+    return tls_tools_missing() or _local_broker_reason()
+
+
+def _tool(*argv: str, cwd: Path) -> None:
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise KafkaBrokerError(f"{' '.join(argv[:3])} failed: {done.stderr[-2000:]}")
+
+
+def _sign(folder: Path, name: str, ca: str, extensions: str, subject: str) -> None:
+    """A P-256 key ``name.key`` and its certificate ``name.pem`` signed by ``ca``."""
+    _tool(
+        "openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=folder,
+    )  # fmt: skip
+    (folder / f"{name}.ext").write_text(extensions)
+    _tool(
+        "openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey",
+        f"{ca}.key", "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", "-extfile",
+        f"{name}.ext", cwd=folder,
+    )  # fmt: skip
+
+
+def _make_ca(folder: Path, name: str, subject: str) -> None:
+    _tool(
+        "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+        "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj",
+        subject, "-addext", "basicConstraints=critical,CA:TRUE", "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign", cwd=folder,
+    )  # fmt: skip
+
+
+def make_tls_files(folder: Path) -> TlsFiles:
+    """Make a CA, a server certificate for 127.0.0.1/localhost, a client certificate,
+    the broker's PKCS12 keystore (openssl) and truststore (keytool) in ``folder``.
+
+    Raises
+    ------
+    KafkaBrokerError
+        When openssl or keytool is missing or fails.
+    """
+    reason = tls_tools_missing()
+    if reason:
+        raise KafkaBrokerError(reason)
+    folder.mkdir(parents=True, exist_ok=True)
+    _make_ca(folder, "ca", "/CN=gpu-pipeline test CA")
+    _make_ca(folder, "other-ca", "/CN=an unrelated CA")
+    _sign(
+        folder,
+        "server",
+        "ca",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        "/CN=localhost",
+    )
+    _sign(
+        folder,
+        "client",
+        "ca",
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+        "/CN=gpu-pipeline client",
+    )
+    _tool(
+        "openssl", "pkcs12", "-export", "-in", "server.pem", "-inkey", "server.key",
+        "-certfile", "ca.pem", "-name", "broker", "-out", "broker.keystore.p12",
+        "-passout", f"pass:{_STORE_PASSWORD}", cwd=folder,
+    )  # fmt: skip
+    _tool(
+        "keytool", "-importcert", "-noprompt", "-alias", "ca", "-file", "ca.pem",
+        "-keystore", "broker.truststore.p12", "-storetype", "PKCS12",
+        "-storepass", _STORE_PASSWORD, cwd=folder,
+    )  # fmt: skip
+    return TlsFiles(
+        folder=folder,
+        ca=folder / "ca.pem",
+        client_cert=folder / "client.pem",
+        client_key=folder / "client.key",
+        keystore=folder / "broker.keystore.p12",
+        truststore=folder / "broker.truststore.p12",
+        other_ca=folder / "other-ca.pem",
+        server_cert=folder / "server.pem",
+        server_key=folder / "server.key",
+    )
+
+
+def _secure_properties(port: int, sasl_ssl: int, ssl: int, tls: TlsFiles) -> str:
+    listeners = (
+        f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{port + 1},"
+        f"SASL_SSL://127.0.0.1:{sasl_ssl},SSL://127.0.0.1:{ssl}"
+    )
+    jaas = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    return "\n".join(
+        [
+            f"listeners={listeners}",
+            f"advertised.listeners={listeners}",
+            "listener.security.protocol.map="
+            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL",
+            "sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256",
+            f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={jaas}",
+            f"listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config={jaas}",
+            "ssl.keystore.type=PKCS12",
+            f"ssl.keystore.location={tls.keystore}",
+            f"ssl.keystore.password={_STORE_PASSWORD}",
+            f"ssl.key.password={_STORE_PASSWORD}",
+            "ssl.truststore.type=PKCS12",
+            f"ssl.truststore.location={tls.truststore}",
+            f"ssl.truststore.password={_STORE_PASSWORD}",
+            "listener.name.ssl.ssl.client.auth=required",
+            "",
+        ]
+    )
+
+
+def free_port(avoid: Collection[int] = (), rng: random.Random | None = None) -> int:
+    """A free port in the test range, not one of ``avoid``."""
+    rng = rng or random.Random()
+    for _ in range(200):
+        port = rng.randrange(*_PORT_RANGE)
+        if port not in avoid and _bindable(port):
+            return port
+    raise KafkaBrokerError(f"no free port in {_PORT_RANGE} after 200 tries")
+
+
+def secure_broker() -> SecureBroker:
+    """This process's broker with TLS listeners, started on first use and stopped at exit.
+
+    Listeners: ``PLAINTEXT`` (for test setup), ``SASL_SSL`` with SCRAM users ``alice``
+    (SCRAM-SHA-512) and ``bob`` (SCRAM-SHA-256), random passwords made here and stored at
+    format time, and ``SSL`` that requires a client certificate signed by the test CA.
+    ``KAFKA_BOOTSTRAP`` does not apply: a broker named there has no such listeners.
+
+    Raises
+    ------
+    KafkaBrokerError
+        When the TLS files cannot be made or the broker does not start.
+    """
+    global _secure
+    if _secure is not None:
+        return _secure
+    folder = Path(tempfile.mkdtemp(prefix="gpu-pipeline-tls-"))
+    atexit.register(shutil.rmtree, folder, True)
+    tls = make_tls_files(folder / "tls")
+    users = {
+        "alice": ("SCRAM-SHA-512", secrets.token_urlsafe(18)),
+        "bob": ("SCRAM-SHA-256", secrets.token_urlsafe(18)),
+    }
+    port = free_port_pair()
+    sasl_ssl = free_port({port, port + 1})
+    ssl = free_port({port, port + 1, sasl_ssl})
+    extra = folder / "extra.properties"
+    extra.write_text(_secure_properties(port, sasl_ssl, ssl, tls))
+    scram = folder / "scram.txt"
+    scram.write_text(
+        "".join(f"{mech}=[name={name},password={pw}]\n" for name, (mech, pw) in users.items())
+    )
+    scram.chmod(0o600)
+    env = {"KAFKA_EXTRA_PROPERTIES": str(extra), "KAFKA_SCRAM_FILE": str(scram)}
+    try:
+        _kafka_sh("start", str(port), timeout_s=_START_TIMEOUT_S, env=env)
+    except KafkaBrokerError:
+        _kafka_sh_quietly("stop", str(port))
+        raise
+    atexit.register(_kafka_sh_quietly, "stop", str(port))
+    _secure = SecureBroker(port, sasl_ssl, ssl, tls, users)
+    return _secure

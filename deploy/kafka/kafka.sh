@@ -16,6 +16,15 @@
 # Environment: JAVA_HOME (else java on PATH), KAFKA_HEAP_OPTS [-Xms512m -Xmx1g],
 # KAFKA_READY_TIMEOUT_S [90], KAFKA_STOP_TIMEOUT_S [30], MAVEN_OPTS (passed to
 # mvn by Maven itself, e.g. -Dmaven.repo.local=DIR for a CI cache).
+#
+# Secured listeners (start only; see docs/kafka.md, "Security"):
+#   KAFKA_EXTRA_PROPERTIES=FILE  appended to the broker's server.properties (a later
+#       key wins), e.g. listeners that add SASL_SSL://127.0.0.1:Q with their TLS and
+#       SASL settings; keep PLAINTEXT://127.0.0.1:PORT and the CONTROLLER listener,
+#       which the readiness probe and the controller use.
+#   KAFKA_SCRAM_FILE=FILE  one 'SCRAM-SHA-512=[name=USER,password=PASS]' per line
+#       (blank lines and '#' comments skipped), each stored at format time
+#       (StorageTool format --add-scram): KRaft keeps SCRAM credentials in its metadata.
 set -euo pipefail
 
 HERE=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
@@ -232,16 +241,38 @@ cmd_start() {
   fi
   ! port_open "$port" || die "127.0.0.1:$port is taken by another process; pick another port"
   ! port_open "$ctl" || die "127.0.0.1:$ctl (the controller port, PORT+1) is taken by another process; pick another port"
+  local var
+  for var in KAFKA_EXTRA_PROPERTIES KAFKA_SCRAM_FILE; do
+    [[ -z ${!var:-} || -r ${!var} ]] || die "$var: cannot read '${!var}'"
+  done
 
   started=$SECONDS
   rm -rf "$dir"
   mkdir -p "$dir"
   data=$(mktemp -d "$dir/data.XXXXXX")
   write_properties "$port" "$ctl" "$data" >"$dir/server.properties"
+  if [[ -n ${KAFKA_EXTRA_PROPERTIES:-} ]]; then
+    {
+      echo
+      echo "# From KAFKA_EXTRA_PROPERTIES ($KAFKA_EXTRA_PROPERTIES); a later key wins."
+      cat "$KAFKA_EXTRA_PROPERTIES"
+    } >>"$dir/server.properties"
+  fi
   printf 'request.timeout.ms=5000\ndefault.api.timeout.ms=10000\n' >"$dir/admin.properties"
 
+  local format_args=() line
+  if [[ -n ${KAFKA_SCRAM_FILE:-} ]]; then
+    while IFS= read -r line || [[ -n $line ]]; do
+      [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
+      format_args+=(--add-scram "$line")
+    done <"$KAFKA_SCRAM_FILE"
+  fi
+  # The credentials go on the tool's command line (a local, throwaway broker) but never
+  # into a log: only the count is reported.
   run_tool kafka.tools.StorageTool format -t "$(new_cluster_id)" -c "$dir/server.properties" \
-    --standalone >>"$dir/broker.log" 2>&1 || fail_start "$port" "formatting the log dir failed"
+    --standalone "${format_args[@]}" >>"$dir/broker.log" 2>&1 ||
+    fail_start "$port" "formatting the log dir failed"
+  ((${#format_args[@]} == 0)) || say "stored $((${#format_args[@]} / 2)) SCRAM credential(s) at format time"
 
   launch "$port"
   wait_ready "$port"

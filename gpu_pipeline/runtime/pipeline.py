@@ -424,9 +424,9 @@ class Pipeline:
                 from gpu_pipeline.sources.kafka import parse_kafka_url
                 from gpu_pipeline.sources.kafka_producer import DeadLetterProducer
 
-                bootstrap, self._topic, _ = parse_kafka_url(self.config.source, "source")
+                bootstrap, self._topic, properties = parse_kafka_url(self.config.source, "source")
                 self.dead_letter_queue = DeadLetterProducer(
-                    bootstrap, self.config.dead_letter_topic
+                    bootstrap, self.config.dead_letter_topic, properties
                 )
             return KafkaSource.from_config(
                 self.config,

@@ -31,12 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, Protocol, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pyarrow as pa
 
 from gpu_pipeline import schema
+from gpu_pipeline.config import redact
 from gpu_pipeline.errors import ConfigError, SinkError
+from gpu_pipeline.secrets import CLICKHOUSE_PASSWORD, read_secret
 from gpu_pipeline.sinks import ddl
 from gpu_pipeline.sinks.base import DEFAULT_DATABASE, Sink
 
@@ -115,6 +117,15 @@ class SinkConfig:
     port: int = 0
     username: str = "default"
     password: str = field(default="", repr=False)
+    ca_cert: str = ""
+    """https: the CA bundle (PEM file) that verifies the server, or ``certifi``; empty: the
+    system's trust store."""
+    verify: bool = True
+    """https: verify the server's certificate and host name (``verify=false`` only for tests)."""
+    client_cert: str = ""
+    client_cert_key: str = ""
+    server_host_name: str = ""
+    """https: the name the certificate must carry when it differs from ``host`` (SNI too)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     insert_block_rows: int = DEFAULT_INSERT_BLOCK_ROWS
     chdb_loader: Loader = "python"
@@ -145,7 +156,14 @@ def parse_sink_url(
 
     ``chdb://PATH`` resolves PATH (relative to the working directory) to an absolute
     folder; ``http(s)://USER:PASS@HOST[:PORT]`` defaults to user ``default`` and the port
-    8123 (http) or 8443 (https).
+    8123 (http) or 8443 (https).  Without a password in the URL, the password comes from
+    ``GPU_PIPELINE_CLICKHOUSE_PASSWORD`` or the file named by
+    ``GPU_PIPELINE_CLICKHOUSE_PASSWORD_FILE`` (none: empty).
+
+    ``https://`` takes TLS options as query parameters, named as clickhouse-connect's
+    ``get_client`` names them: ``ca_cert=/path/ca.pem`` (or ``certifi``), ``verify=false``,
+    ``client_cert=/path/cert.pem``, ``client_cert_key=/path/key.pem`` and
+    ``server_host_name=NAME``.
     """
     if not isinstance(url, str) or not url.strip():
         raise ConfigError("sink", "is empty; expected chdb://PATH or http(s)://USER:PASS@HOST:PORT")
@@ -174,28 +192,76 @@ def _server_config(url: str, database: str) -> SinkConfig:
         raise ConfigError("sink", f"{shown!r}: the port is not a number in 0-65535") from None
     if not parts.hostname:
         raise ConfigError("sink", f"{shown!r}: no host; expected http(s)://USER:PASS@HOST:PORT")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError("sink", f"{shown!r}: unexpected path or query after HOST:PORT")
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ConfigError("sink", f"{shown!r}: unexpected path after HOST:PORT")
     kind: Kind = "https" if parts.scheme == "https" else "http"
+    tls = _tls_options(parts.query, kind, shown)
+    if parts.password is not None:
+        password = unquote(parts.password)
+    else:
+        password = read_secret(CLICKHOUSE_PASSWORD) or ""
     return SinkConfig(
         kind,
         database,
         host=parts.hostname,
         port=port or (8443 if kind == "https" else 8123),
         username=unquote(parts.username) if parts.username else "default",
-        password=unquote(parts.password) if parts.password else "",
+        password=password,
+        **tls,
     )
 
 
+_TLS_PARAMETERS = ("ca_cert", "verify", "client_cert", "client_cert_key", "server_host_name")
+_TLS_FILES = ("ca_cert", "client_cert", "client_cert_key")
+
+
+def _tls_options(query: str, kind: Kind, shown: str) -> dict[str, Any]:
+    """The TLS query parameters of an ``https://`` sink URL, checked."""
+    if not query:
+        return {}
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in _TLS_PARAMETERS:
+            raise ConfigError(
+                "sink",
+                f"{shown!r}: unknown parameter {key!r}; an https:// sink takes "
+                f"{', '.join(_TLS_PARAMETERS)}",
+            )
+        if key in options:
+            raise ConfigError("sink", f"{shown!r}: {key!r} is given twice")
+        options[key] = value
+    if kind != "https":
+        raise ConfigError(
+            "sink", f"{shown!r}: {', '.join(options)} are TLS options: use an https:// URL"
+        )
+    if "verify" in options:
+        text = str(options["verify"]).strip().lower()
+        if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError("sink", f"{shown!r}: verify must be true or false, got {text!r}")
+        options["verify"] = text in ("1", "true", "yes", "on")
+    for key in _TLS_FILES:
+        path = options.get(key)
+        if path is None or (key == "ca_cert" and path == "certifi"):
+            continue
+        if not path or not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise ConfigError("sink", f"{shown!r}: {key} {path!r} is not a readable file")
+    if "client_cert_key" in options and "client_cert" not in options:
+        raise ConfigError("sink", f"{shown!r}: client_cert_key needs client_cert")
+    return options
+
+
 def _redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """``url`` with any password (user info, ``password=``/``secret=`` query values)
+    replaced by ``***``."""
+    return redact(re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same call may succeed (network trouble, an overloaded server)."""
     from clickhouse_connect.driver import exceptions as ch
 
+    if _tls_verification_failed(str(exc)):
+        return False  # the same certificate fails the same way next time
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if not isinstance(exc, ch.DatabaseError):
@@ -204,6 +270,20 @@ def is_transient(exc: BaseException) -> bool:
     if code is not None:
         return code in TRANSIENT_CODES
     return isinstance(exc, ch.OperationalError)
+
+
+def _tls_verification_failed(message: str) -> bool:
+    """Whether an error says the server's certificate was refused (never transient)."""
+    lowered = message.lower()
+    return any(
+        sign in lowered
+        for sign in (
+            "certificate_verify_failed",
+            "certificate verify failed",
+            "certificateerror",  # the host name is not the certificate's
+            "hostname mismatch",
+        )
+    )
 
 
 def call_with_retries(
@@ -225,6 +305,12 @@ def call_with_retries(
         except Exception as exc:
             message = scrub(str(exc).strip() or type(exc).__name__)
             if not is_transient(exc):
+                if _tls_verification_failed(message):
+                    message += (
+                        "; the server's TLS certificate could not be verified: name the CA "
+                        "that signed it in the sink URL, https://…/?ca_cert=/path/ca.pem, and "
+                        "connect by a name the certificate carries (or set server_host_name=)"
+                    )
                 raise SinkError(f"{what} failed: {message}") from None
             if attempt + 1 == policy.attempts:
                 raise SinkError(
@@ -393,6 +479,7 @@ class ClickHouseSink(Sink):
                 password=config.password,
                 connect_timeout=10,
                 send_receive_timeout=300,
+                **client_tls_arguments(config),
             ),
             f"connecting to {config.safe_url}",
         )
@@ -418,6 +505,19 @@ class ClickHouseSink(Sink):
         self._require_client()
         assert self._loader is not None
         return self._loader
+
+
+def client_tls_arguments(config: SinkConfig) -> dict[str, Any]:
+    """The TLS arguments of ``clickhouse_connect.get_client`` for ``config`` (https only;
+    only those the URL set, so clickhouse-connect's defaults hold otherwise)."""
+    if config.kind != "https":
+        return {}
+    arguments: dict[str, Any] = {"verify": config.verify}
+    for name in ("ca_cert", "client_cert", "client_cert_key", "server_host_name"):
+        value = getattr(config, name)
+        if value:
+            arguments[name] = value
+    return arguments
 
 
 def _open_chdb(path: str) -> Any:

@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from pathlib import Path
@@ -56,7 +56,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from gpu_pipeline.config import redact
 from gpu_pipeline.errors import ConfigError, SourceError
+from gpu_pipeline.secrets import KAFKA_PASSWORD, KAFKA_SSL_KEY_PASSWORD, read_secret
 from gpu_pipeline.sources.base import RawBatch, Source
 from gpu_pipeline.state.journal import BatchJournal
 from gpu_pipeline.state.store import is_url
@@ -85,12 +87,15 @@ def parse_kafka_url(url: str, option: str = "source") -> tuple[str, str, dict[st
     """``kafka://HOST:PORT/TOPIC[?property=value&...]`` -> (bootstrap, topic, properties).
 
     The query string passes client properties through (for example
-    ``?group.protocol=classic`` for a broker older than Kafka 4.0).
+    ``?group.protocol=classic`` for a broker older than Kafka 4.0, or
+    ``?security.protocol=SASL_SSL&sasl.mechanism=SCRAM-SHA-512&sasl.username=U&ssl.ca.location=CA``);
+    the SASL password comes from the environment (:func:`client_properties`), not the URL.
 
     Raises
     ------
     ConfigError
-        Naming ``option``, when the URL is not of that form or the topic name is invalid.
+        Naming ``option``, when the URL is not of that form or the topic name is invalid
+        (the message shows the URL with any password replaced by ``***``).
     """
     parts = urlsplit(str(url))
     try:
@@ -99,13 +104,178 @@ def parse_kafka_url(url: str, option: str = "source") -> tuple[str, str, dict[st
         port = None
     topic = parts.path.strip("/")
     if parts.scheme != "kafka" or not parts.hostname or port is None or not topic:
-        raise ConfigError(option, f"expected kafka://HOST:PORT/TOPIC, got {url!r}")
+        raise ConfigError(option, f"expected kafka://HOST:PORT/TOPIC, got {_redact(url)!r}")
     if not _TOPIC_RE.fullmatch(topic) or topic in (".", ".."):
         raise ConfigError(
             option, f"{topic!r} is not a Kafka topic name (letters, digits, '.', '_', '-')"
         )
     properties = dict(parse_qsl(parts.query, keep_blank_values=True))
     return f"{parts.hostname}:{port}", topic, properties
+
+
+def _redact(url: str) -> str:
+    return redact(str(url))
+
+
+# ---------------------------------------------------------------------------- security
+
+_PASSWORD_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+"""SASL mechanisms that authenticate with ``sasl.username`` and ``sasl.password``."""
+_CONNECTION_PREFIXES = (
+    "security.",
+    "sasl.",
+    "ssl.",
+    "ssl_",
+    "enable.ssl.",
+    "socket.",
+    "client.",
+    "broker.address.",
+    "reconnect.backoff",
+    "connections.max.idle.ms",
+    "debug",
+)
+"""librdkafka properties about *how to connect* (TLS, SASL, sockets, client id): what the
+source URL's other clients (the dead-letter producer, admin calls) must share with it."""
+
+
+def connection_properties(properties: dict[str, Any]) -> dict[str, Any]:
+    """The connection properties among ``properties`` (see ``_CONNECTION_PREFIXES``).
+
+    A source URL carries consumer properties too (``group.protocol``, ``session.timeout.ms``),
+    which a producer or admin client of the same cluster must not get.
+    """
+    return {k: v for k, v in properties.items() if k.startswith(_CONNECTION_PREFIXES)}
+
+
+def client_properties(
+    properties: dict[str, Any],
+    option: str = "source",
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``properties`` completed with the secrets a URL should not carry.
+
+    With ``security.protocol=SASL_SSL`` (or ``SASL_PLAINTEXT``) and a password mechanism
+    (``sasl.mechanism`` PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512), ``sasl.password`` comes from
+    ``GPU_PIPELINE_KAFKA_PASSWORD`` or the file named by ``GPU_PIPELINE_KAFKA_PASSWORD_FILE``
+    unless the URL sets it; ``ssl.key.password`` likewise from
+    ``GPU_PIPELINE_KAFKA_SSL_KEY_PASSWORD[_FILE]`` when a client key is named.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``option`` when SASL needs a password and none is set, or naming the
+        variable when its secret file cannot be read.
+    """
+    completed = dict(properties)
+    protocol = str(completed.get("security.protocol", "plaintext")).upper()
+    mechanism = str(
+        completed.get("sasl.mechanisms", completed.get("sasl.mechanism", "GSSAPI"))
+    ).upper()
+    if (
+        protocol.startswith("SASL_")
+        and mechanism in _PASSWORD_MECHANISMS
+        and "sasl.password" not in completed
+    ):
+        password = read_secret(KAFKA_PASSWORD, environ)
+        if password is None:
+            raise ConfigError(
+                option,
+                f"security.protocol={protocol} with sasl.mechanism={mechanism} needs a "
+                f"password: set {KAFKA_PASSWORD}, or {KAFKA_PASSWORD}_FILE "
+                "to a file holding it (e.g. a Docker secret under /run/secrets/)",
+            )
+        completed["sasl.password"] = password
+    if "ssl.key.location" in completed and "ssl.key.password" not in completed:
+        key_password = read_secret(KAFKA_SSL_KEY_PASSWORD, environ)
+        if key_password is not None:
+            completed["ssl.key.password"] = key_password
+    return completed
+
+
+CLIENT_LOG = logging.getLogger("gpu_pipeline.kafka.client")
+"""librdkafka's own log lines (retries, connection failures) go through Python logging, so
+that ``--log-format json`` keeps stderr all JSON; served by the clients' ``poll``."""
+
+
+class ClientErrors:
+    """A client's ``error_cb``: remembers the last error and the first one that retrying
+    cannot fix (failed authentication, a failed TLS handshake, the wrong security protocol
+    for the listener), so that a misconfigured client fails at once, naming the cause,
+    instead of retrying until a timeout.  librdkafka calls it from ``poll``."""
+
+    def __init__(self) -> None:
+        self.last = ""
+        self.permanent: KafkaError | None = None
+        self.fatal: KafkaError | None = None
+
+    def __call__(self, error: KafkaError) -> None:
+        self.last = error.str()
+        if error.fatal() and self.fatal is None:
+            self.fatal = error
+        if self.permanent is None and is_connect_failure(error):
+            self.permanent = error
+
+    def explain(self) -> str | None:
+        """Why connecting failed for good, for an error message; None if it did not."""
+        return None if self.permanent is None else explain_connect_failure(self.permanent)
+
+
+def is_connect_failure(error: KafkaError) -> bool:
+    """Whether ``error`` says the client's security settings do not fit the broker."""
+    if error.code() in (KafkaError._AUTHENTICATION, KafkaError._SSL):
+        return True
+    # librdkafka's own hint, e.g. a PLAINTEXT client on a TLS listener.
+    return "incorrect security.protocol" in error.str()
+
+
+def explain_connect_failure(error: KafkaError) -> str:
+    """A message for :func:`is_connect_failure` errors: what failed and what to check."""
+    text = error.str()
+    if error.code() == KafkaError._AUTHENTICATION:
+        return (
+            f"Kafka authentication failed ({text}); check sasl.mechanism and sasl.username in "
+            f"the URL and the password in {KAFKA_PASSWORD} or "
+            f"{KAFKA_PASSWORD}_FILE"
+        )
+    if error.code() == KafkaError._SSL:
+        hint = (
+            "set ssl.ca.location in the URL to the CA certificate that signed the broker's "
+            "certificate"
+            if "certificate" in text
+            else "check the ssl.* properties in the URL"
+        )
+        return f"TLS with the Kafka broker failed ({text}); {hint}"
+    return f"cannot talk to the Kafka broker ({text}); check security.protocol in the URL"
+
+
+def list_topics_checked(
+    client: Any,
+    errors: ClientErrors,
+    *,
+    topic: str | None,
+    timeout_s: float,
+    fail: Callable[[str], Exception],
+) -> Any:
+    """``client.list_topics`` (an AdminClient or Producer built with ``errors`` as its
+    ``error_cb``) in short tries, serving the error callback between them: a permanent
+    connection failure raises ``fail(message)`` within about a second, not at ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return client.list_topics(topic=topic, timeout=max(0.1, min(1.0, left)))
+        except KafkaException as exc:
+            client.poll(0)
+            why = errors.explain()
+            if why is not None:
+                raise fail(why) from None
+            if time.monotonic() >= deadline:
+                last = f" (last client error: {errors.last})" if errors.last else ""
+                raise fail(
+                    f"no answer within {timeout_s:.0f} s: {exc}{last}; is the broker up, and "
+                    "does security.protocol in the URL match its listener?"
+                ) from None
 
 
 # ---------------------------------------------------------------------------- framing
@@ -402,8 +572,9 @@ class KafkaSource(Source):
         config = _consumer_config(bootstrap, group_id, consumer_config or {})
         self._cooperative = _is_cooperative(config)
         self.consumer_config = dict(config)
+        self._errors = ClientErrors()
         try:
-            self._consumer = Consumer(config)
+            self._consumer = Consumer({**config, "error_cb": self._errors, "logger": CLIENT_LOG})
         except KafkaException as exc:
             raise ConfigError(
                 "source", f"the Kafka client rejected its configuration: {exc}"
@@ -605,12 +776,39 @@ class KafkaSource(Source):
         draining then drops it with its partition's buffer if its partition is revoked.
         """
         first = self._consumer.poll(timeout)
+        self._check_client_errors()
         if first is None:
             return
         self._file([first])
         more = self._consumer.consume(_DRAIN_MESSAGES, 0)
         if more:
             self._file(more)
+
+    def _check_client_errors(self) -> None:
+        """Act on what the client's error callback saw during the last poll.
+
+        A fatal error ends the run.  Failed authentication or a failed TLS handshake ends
+        it too while the consumer has never had an assignment (a misconfigured client,
+        which no retry fixes); later, with a broker restarting for example, they are
+        logged and the client retries.
+        """
+        errors = self._errors
+        if errors.fatal is not None:  # librdkafka reports these as consumer errors too
+            raise SourceError(
+                f"the Kafka consumer of {self.topic!r} failed: {errors.fatal.str()} (a fenced "
+                "static member means another process runs this job with the same checkpoint "
+                "directory)"
+            )
+        permanent, errors.permanent = errors.permanent, None
+        if permanent is not None:
+            why = explain_connect_failure(permanent)
+            if not self._ever_assigned:
+                raise SourceError(f"cannot consume {self.topic!r}: {why}")
+            if why != self._last_error:
+                log.warning("Kafka consumer of %r: %s (the client retries)", self.topic, why)
+                self._last_error = why
+        elif errors.last and errors.last != self._last_error:
+            self._last_error = errors.last
 
     def _file(self, messages: list[Message]) -> None:
         """Sort delivered messages into the partitions' buffers, then apply client events.
@@ -906,7 +1104,7 @@ def _consumer_config(bootstrap: str, group_id: str, overrides: dict[str, Any]) -
         "enable.partition.eof": True,
         "auto.offset.reset": "earliest",
     }
-    config.update(overrides)
+    config.update(client_properties(overrides, "source"))
     if str(config["group.protocol"]).lower() == "classic":
         # Only the partitions that change owner pause; a dead member is noticed in 10 s.
         config.setdefault("partition.assignment.strategy", "cooperative-sticky")
@@ -947,9 +1145,14 @@ def static_instance_id(config: RunConfig, job_id: str = "", member: int | None =
 
 
 __all__ = [
+    "ClientErrors",
     "KafkaSource",
     "assemble_batch",
+    "client_properties",
+    "connection_properties",
+    "explain_connect_failure",
     "frame_messages",
+    "list_topics_checked",
     "parse_kafka_url",
     "static_instance_id",
 ]

@@ -25,7 +25,14 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from gpu_pipeline import schema
 from gpu_pipeline.errors import ConfigError, SinkError
-from gpu_pipeline.sources.kafka import parse_kafka_url
+from gpu_pipeline.sources.kafka import (
+    CLIENT_LOG,
+    ClientErrors,
+    client_properties,
+    connection_properties,
+    list_topics_checked,
+    parse_kafka_url,
+)
 from gpu_pipeline.sources.synthetic import generate_ndjson_chunks
 
 DEFAULT_PARTITIONS = 4
@@ -65,27 +72,69 @@ class _Deliveries:
             )
 
 
-def _producer(bootstrap: str, deliveries: _Deliveries, extra: dict[str, str]) -> Producer:
-    config = {"bootstrap.servers": bootstrap, **_PRODUCER_DEFAULTS, **extra}
+def _producer(
+    bootstrap: str,
+    deliveries: _Deliveries,
+    extra: dict[str, Any],
+    errors: ClientErrors,
+    option: str = "out",
+) -> Producer:
+    """A producer with our defaults, ``extra`` (URL properties, secrets added) over them."""
+    config = {
+        "bootstrap.servers": bootstrap,
+        **_PRODUCER_DEFAULTS,
+        **client_properties(extra, option),
+    }
     config["on_delivery"] = deliveries
+    config["error_cb"] = errors
+    config["logger"] = CLIENT_LOG
     try:
         return Producer(config)
     except KafkaException as exc:
-        raise ConfigError("out", f"the Kafka client rejected its configuration: {exc}") from None
+        raise ConfigError(option, f"the Kafka client rejected its configuration: {exc}") from None
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int | None) -> int:
+def _admin(
+    bootstrap: str, properties: dict[str, Any], errors: ClientErrors, option: str
+) -> AdminClient:
+    """An admin client sharing the connection properties (TLS, SASL) of ``properties``."""
+    config = {
+        "bootstrap.servers": bootstrap,
+        **client_properties(connection_properties(properties), option),
+        "error_cb": errors,
+        "logger": CLIENT_LOG,
+    }
+    try:
+        return AdminClient(config)
+    except KafkaException as exc:
+        raise ConfigError(option, f"the Kafka client rejected its configuration: {exc}") from None
+
+
+def ensure_topic(
+    bootstrap: str,
+    topic: str,
+    partitions: int | None,
+    properties: dict[str, Any] | None = None,
+    *,
+    option: str = "out",
+) -> int:
     """Create ``topic`` if it is missing (``partitions``, default 4); return its partition count.
+
+    ``properties`` are the URL's client properties: their connection part (security
+    protocol, TLS, SASL; the password from the environment) configures the admin client.
 
     Raises
     ------
     ConfigError
-        ``partitions`` was given and the existing topic has another count.
+        ``partitions`` was given and the existing topic has another count, or SASL needs a
+        password that is not set.
     SinkError
-        The broker cannot be reached or refuses to create the topic.
+        The broker cannot be reached, refuses the credentials or the TLS handshake (at
+        once, naming the cause), or refuses to create the topic.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    existing = _partition_count(admin, topic)
+    errors = ClientErrors()
+    admin = _admin(bootstrap, properties or {}, errors, option)
+    existing = _partition_count(admin, errors, bootstrap, topic)
     if existing is None:
         wanted = partitions or DEFAULT_PARTITIONS
         futures = admin.create_topics(
@@ -106,11 +155,16 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int | None) -> int:
     return existing
 
 
-def _partition_count(admin: AdminClient, topic: str) -> int | None:
-    try:
-        metadata = admin.list_topics(topic=topic, timeout=_TIMEOUT_S)
-    except KafkaException as exc:
-        raise SinkError(f"cannot reach the Kafka broker: {exc}") from None
+def _partition_count(
+    admin: AdminClient, errors: ClientErrors, bootstrap: str, topic: str
+) -> int | None:
+    metadata = list_topics_checked(
+        admin,
+        errors,
+        topic=topic,
+        timeout_s=_TIMEOUT_S,
+        fail=lambda why: SinkError(f"cannot reach the Kafka broker at {bootstrap}: {why}"),
+    )
     found = metadata.topics.get(topic)
     if found is None or found.error is not None:
         return None
@@ -194,9 +248,9 @@ def produce_synthetic(
         raise ConfigError("rate", f"must be a positive number of events per second, got {rate}")
     if partitions is not None and partitions < 1:
         raise ConfigError("partitions", f"must be a positive integer, got {partitions}")
-    ensure_topic(bootstrap, topic, partitions)
+    ensure_topic(bootstrap, topic, partitions, properties)
     deliveries = _Deliveries()
-    producer = _producer(bootstrap, deliveries, properties)
+    producer = _producer(bootstrap, deliveries, properties, ClientErrors())
     step = max(1, rate // 20) if rate else _CHUNK_EVENTS
     started = time.monotonic()
     sent = 0
@@ -235,11 +289,30 @@ class DeadLetterProducer:
     crash sends its dead letters again (the ``dead_letters`` table stays exact).
     """
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, properties: dict[str, Any] | None = None
+    ) -> None:
+        """``properties``: the source URL's client properties; their connection part (TLS,
+        SASL; the password from the environment) is shared, consumer settings are not."""
         self.topic = topic
         self._deliveries = _Deliveries()
-        self._producer = _producer(bootstrap, self._deliveries, {})
-        metadata = self._producer.list_topics(topic=topic, timeout=_TIMEOUT_S).topics.get(topic)
+        errors = ClientErrors()
+        self._producer = _producer(
+            bootstrap,
+            self._deliveries,
+            connection_properties(properties or {}),
+            errors,
+            "source",
+        )
+        metadata = list_topics_checked(
+            self._producer,
+            errors,
+            topic=topic,
+            timeout_s=_TIMEOUT_S,
+            fail=lambda why: SinkError(
+                f"the dead-letter producer cannot reach the Kafka broker at {bootstrap}: {why}"
+            ),
+        ).topics.get(topic)
         if metadata is None or metadata.error is not None:
             raise SinkError(
                 f"dead-letter topic {topic!r} does not exist on {bootstrap}; create it first "

@@ -646,3 +646,208 @@ def test_server_round_trip_and_dedup(server_sink: ClickHouseSink, table: str) ->
     back = server_sink.query(f"SELECT * FROM {database}.{table} ORDER BY {ORDER_BY[table]}")
     assert back.schema == rows.schema
     assert back.equals(rows)
+
+
+# ---- TLS and passwords for a server -------------------------------------------------------------
+
+
+def test_https_tls_options_parse_from_the_query(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    for path in (ca, cert, key):
+        path.write_text("PEM")
+    config = parse_sink_url(
+        f"https://alice:pw@ch.example.com/?ca_cert={ca}&client_cert={cert}"
+        f"&client_cert_key={key}&server_host_name=ch.internal"
+    )
+    assert (config.ca_cert, config.client_cert, config.client_cert_key) == (
+        str(ca),
+        str(cert),
+        str(key),
+    )
+    assert config.server_host_name == "ch.internal" and config.verify is True
+    assert config.safe_url == "https://alice@ch.example.com:8443"  # the job id ignores TLS files
+    assert parse_sink_url("https://ch:9440?verify=false").verify is False
+    assert parse_sink_url("https://ch?ca_cert=certifi").ca_cert == "certifi"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("https://u:secret@ch/?ca=/etc/ca.pem", "unknown parameter 'ca'"),
+        ("http://u:secret@ch/?ca_cert=certifi", "use an https:// URL"),
+        ("https://u:secret@ch/?ca_cert=/no/such/ca.pem", "is not a readable file"),
+        ("https://u:secret@ch/?verify=maybe", "verify must be true or false"),
+        ("https://u:secret@ch/?verify=1&verify=0", "given twice"),
+        ("https://u@ch/?password=secret", "unknown parameter 'password'"),
+    ],
+)
+def test_bad_tls_options_name_the_sink_and_hide_the_password(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        parse_sink_url(url)
+    assert info.value.option == "sink"
+    assert "secret" not in str(info.value)
+
+
+class _FakeClient:
+    server_version = "25.8.1"
+
+    def __init__(self, **arguments: object) -> None:
+        self.arguments = arguments
+
+    def command(self, sql: str) -> None:
+        """DDL: nothing to do."""
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _capture_clients(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    import clickhouse_connect
+
+    made: list[dict[str, object]] = []
+
+    def get_client(**arguments: object) -> _FakeClient:
+        made.append(arguments)
+        return _FakeClient(**arguments)
+
+    monkeypatch.setattr(clickhouse_connect, "get_client", get_client)
+    return made
+
+
+def test_https_sink_hands_tls_options_and_the_env_password_to_the_client(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("PEM")
+    made = _capture_clients(monkeypatch)
+    monkeypatch.setenv("GPU_PIPELINE_CLICKHOUSE_PASSWORD", "from-env")
+    sink = ClickHouseSink(parse_sink_url(f"https://writer@ch.example.com:8443/?ca_cert={ca}"))
+    sink.open()
+    sink.close()
+    assert len(made) == 1
+    arguments = made[0]
+    assert arguments["interface"] == "https"
+    assert (arguments["host"], arguments["port"]) == ("ch.example.com", 8443)
+    assert (arguments["username"], arguments["password"]) == ("writer", "from-env")
+    assert (arguments["ca_cert"], arguments["verify"]) == (str(ca), True)
+    assert "client_cert" not in arguments  # only what the URL set: the library's defaults hold
+    assert "from-env" not in sink.describe()
+
+
+def test_plain_http_sink_gets_no_tls_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _capture_clients(monkeypatch)
+    monkeypatch.delenv("GPU_PIPELINE_CLICKHOUSE_PASSWORD", raising=False)
+    monkeypatch.delenv("GPU_PIPELINE_CLICKHOUSE_PASSWORD_FILE", raising=False)
+    sink = ClickHouseSink(parse_sink_url("http://ch.example.com"))
+    sink.open()
+    sink.close()
+    assert made[0]["interface"] == "http" and made[0]["password"] == ""
+    assert not {"ca_cert", "verify", "client_cert"} & set(made[0])
+
+
+class _HttpsServer:
+    """An HTTPS server (Python's ``ssl``) that answers every request like a ClickHouse server
+    refusing the user, and remembers the Authorization headers it got."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        import http.server
+        import ssl
+        import threading
+
+        seen: list[str] = []
+        self.seen = seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self._refuse()
+
+            def do_POST(self) -> None:
+                self._refuse()
+
+            def _refuse(self) -> None:
+                seen.append(self.headers.get("Authorization", ""))
+                body = b"Code: 516. DB::Exception: refused. (AUTHENTICATION_FAILED)\n"
+                self.send_response(403)
+                self.send_header("X-ClickHouse-Exception-Code", "516")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                """Quiet."""
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def https_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[_HttpsServer, Path, Path]]:
+    from tests.kafka_broker import make_tls_files, tls_tools_missing
+
+    missing = tls_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    tls = make_tls_files(tmp_path_factory.mktemp("tls"))
+    server = _HttpsServer(tls.server_cert, tls.server_key)
+    try:
+        yield server, tls.ca, tls.other_ca
+    finally:
+        server.close()
+
+
+def _connect_error(url: str) -> str:
+    sink = ClickHouseSink(
+        dataclasses.replace(parse_sink_url(url), retry=RetryPolicy(attempts=2, first_backoff_s=0))
+    )
+    with pytest.raises(SinkError) as info:
+        sink.open()
+    return str(info.value)
+
+
+def test_https_with_the_ca_verifies_the_server(
+    https_server: tuple[_HttpsServer, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real TLS handshake: with the CA it succeeds (the request reaches the server, which
+    refuses the user with ClickHouse's code 516) and the password from the environment
+    travels inside it; the message never shows it."""
+    server, ca, _ = https_server
+    monkeypatch.setenv("GPU_PIPELINE_CLICKHOUSE_PASSWORD", "tls-secret")
+    before = len(server.seen)
+    message = _connect_error(f"https://writer@127.0.0.1:{server.port}/?ca_cert={ca}")
+    assert "516" in message and "AUTHENTICATION_FAILED" in message, message
+    assert "CERTIFICATE_VERIFY_FAILED" not in message
+    import base64
+
+    assert server.seen[before:] == ["Basic " + base64.b64encode(b"writer:tls-secret").decode()]
+    assert "tls-secret" not in message
+
+
+@pytest.mark.parametrize("trust", ["system store", "another CA", "wrong host name"])
+def test_https_without_the_ca_fails_verification_at_once(
+    https_server: tuple[_HttpsServer, Path, Path], trust: str
+) -> None:
+    server, ca, other_ca = https_server
+    query = {
+        "system store": "",
+        "another CA": f"?ca_cert={other_ca}",
+        "wrong host name": f"?ca_cert={ca}&server_host_name=not-this-host.example",
+    }[trust]
+    before = len(server.seen)
+    message = _connect_error(f"https://writer:pw@127.0.0.1:{server.port}/{query}")
+    sign = "doesn't match" if trust == "wrong host name" else "CERTIFICATE_VERIFY_FAILED"
+    assert sign in message, message
+    assert "ca_cert=" in message  # says how to fix it
+    assert "after 2 attempts" not in message  # a refused certificate is not retried
+    assert len(server.seen) == before  # nothing was sent: no password left the process
