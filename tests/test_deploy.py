@@ -519,8 +519,12 @@ def test_every_required_variable_is_documented() -> None:
 
 def test_the_users_are_wired_as_documented() -> None:
     all_services = services()
-    assert environment(all_services["pipeline"])["GPU_PIPELINE_SINK"].startswith("http://writer:")
-    assert environment(all_services["notebooks"])["GPU_PIPELINE_SINK"].startswith("http://reader:")
+    for service, user in (("pipeline", "writer"), ("notebooks", "reader")):
+        env = environment(all_services[service])
+        # the user in the URL, its password beside it (never inside a printed URL)
+        assert env["GPU_PIPELINE_SINK"] == f"http://{user}@clickhouse:8123"
+        password = f"CLICKHOUSE_{user.upper()}_PASSWORD"
+        assert env["GPU_PIPELINE_CLICKHOUSE_PASSWORD"].startswith(f"${{{password}:?")
     grafana = environment(all_services["grafana"])
     assert grafana["CLICKHOUSE_READER_USER"] == "reader"
     assert "grafana-clickhouse-datasource" in grafana["GF_PLUGINS_PREINSTALL_SYNC"]
