@@ -541,6 +541,7 @@ class KafkaSource(Source):
         consumer_config: dict[str, Any] | None = None,
         idle_partition_timeout_ms: int = 0,
         committed_offsets: CommittedPolicy = "resume",
+        shares_group: bool = False,
     ) -> None:
         _require(bool(group_id), "group_id", "must not be empty")
         _require(
@@ -549,6 +550,7 @@ class KafkaSource(Source):
             f"must be resume, refuse or earliest, got {committed_offsets!r}",
         )
         self.committed_offsets = committed_offsets
+        self.shares_group = shares_group
         self.group_id = group_id
         _require(max_bytes > 0, "max_batch_bytes", f"must be positive, got {max_bytes}")
         _require(max_wait_ms >= 0, "max_batch_wait_ms", f"must be >= 0, got {max_wait_ms}")
@@ -630,6 +632,7 @@ class KafkaSource(Source):
             idle_partition_timeout_ms=config.idle_partition_timeout_ms,
             consumer_config=properties,
             committed_offsets="earliest" if config.fresh else "refuse",
+            shares_group=member is not None,
         )
 
     # ------------------------------------------------------------------ batches
@@ -741,6 +744,15 @@ class KafkaSource(Source):
                 return idle_for >= self.idle_timeout_s
             if idle_for < max(self.idle_timeout_s, _JOIN_GRACE_MS / 1000):
                 return False
+            if self.shares_group:
+                # one of a cluster run's consumers, and the others hold every partition
+                log.info(
+                    "no partition of %r was assigned to this consumer within %.0f s: the "
+                    "group's other consumers hold them all",
+                    self.topic,
+                    idle_for,
+                )
+                return True
             # A bounded run that read nothing must not look complete (it would flush).
             raise SourceError(
                 f"no partition of topic {self.topic!r} was assigned to this consumer within "
@@ -932,7 +944,9 @@ class KafkaSource(Source):
     def _assigned(self, consumer: Consumer, assigned: list[TopicPartition]) -> None:
         """Seek each new partition to the pipeline's position and load its journaled cuts."""
         self._last_activity = time.monotonic()
-        self._ever_assigned = True
+        # an empty assignment (the first round of a cooperative rebalance) is not yet one:
+        # the member gets its share in the next round
+        self._ever_assigned = self._ever_assigned or bool(assigned)
         positions = {tp.partition: self._position_of(tp.partition) for tp in assigned}
         unknown = [p for p, position in positions.items() if position is None]
         positions.update(self._look_up_positions(consumer, unknown))
@@ -1019,6 +1033,9 @@ class KafkaSource(Source):
                 result = self._consumer.commit(offsets=offsets, asynchronous=False)
             except KafkaException as exc:
                 error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if error is not None and error.code() in _REBALANCING:
+                    _skip_commit_during_rebalance(self.topic, error)
+                    return
                 if error is None or not error.retriable():
                     raise SourceError(
                         f"committing offsets of {self.topic!r} failed: {exc}; the checkpoint "
@@ -1031,6 +1048,10 @@ class KafkaSource(Source):
                 log.warning("committing offsets of %r failed, retried later: %s", self.topic, exc)
                 return
             failed = [tp for tp in result or [] if tp.error is not None]
+            errors = [tp.error for tp in failed if tp.error is not None]
+            if errors and all(e.code() in _REBALANCING for e in errors):
+                _skip_commit_during_rebalance(self.topic, errors[0])
+                return
             if failed:
                 raise SourceError(
                     f"committing offsets of {self.topic!r} failed for partitions "
@@ -1074,6 +1095,28 @@ class KafkaSource(Source):
             log.warning("closing the Kafka consumer of %r: %s", self.topic, exc)
         self._closed = True
         self._parts.clear()
+
+
+_REBALANCING = frozenset(
+    {
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.REBALANCE_IN_PROGRESS,
+    }
+)
+"""Commit errors that mean the group is moving partitions: the commit is skipped."""
+
+
+def _skip_commit_during_rebalance(topic: str, error: KafkaError) -> None:
+    """The group rebalances under a commit: the checkpoint is durable, and whoever owns the
+    partition next resumes from it (not from the group's offsets), so nothing is lost; the
+    group's offsets lag until the next checkpoint's commit."""
+    log.warning(
+        "offsets of %r not committed: the consumer group is rebalancing (%s); the "
+        "checkpoint is durable and the next one commits",
+        topic,
+        error.str(),
+    )
 
 
 def _require(ok: bool, option: str, message: str) -> None:

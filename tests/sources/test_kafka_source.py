@@ -679,3 +679,43 @@ def test_dead_letters_go_to_the_dlq_topic_with_their_origin(kafka_bootstrap: str
             "error": b"record: invalid UTF-8 at byte 0",
         },
     ]
+
+
+class _RebalancingConsumer:
+    """A consumer whose commits meet a rebalance (the broker's answer, without a broker)."""
+
+    def __init__(self, code: int) -> None:
+        self.code, self.calls = code, 0
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> object:
+        from confluent_kafka import KafkaException
+
+        self.calls += 1
+        raise KafkaException(KafkaError(self.code))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "code",
+    [KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID, KafkaError.REBALANCE_IN_PROGRESS],
+)
+def test_a_commit_that_meets_a_rebalance_is_skipped_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, code: int
+) -> None:
+    """The checkpoint is durable before the commit and the next owner resumes from it, so a
+    commit refused because the group moved on only leaves the group's offsets behind."""
+    source = make_source("127.0.0.1:9", "t", BatchJournal(tmp_path))
+    fake = _RebalancingConsumer(code)
+    real, source._consumer = source._consumer, fake  # type: ignore[assignment]
+    try:
+        source._parts[0] = object()  # type: ignore[assignment]  # held: worth committing
+        with caplog.at_level("WARNING"):
+            source.commit({0: 10})
+        assert fake.calls == 1
+        assert "consumer group is rebalancing" in caplog.text
+    finally:
+        source._consumer = real
+        source._parts.clear()
+        source.close()
