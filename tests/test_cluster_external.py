@@ -128,7 +128,7 @@ def joined(
 
 def wait_for_checkpoint(run: Job, child: subprocess.Popen[bytes], timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
-    while not any(run.checkpoint_dir.rglob("CURRENT")):
+    while not any(run.checkpoint_dir.glob("*/p*/CURRENT")):  # not into folders being renamed
         assert child.poll() is None, run.log_tail()
         assert time.monotonic() < deadline, f"no checkpoint yet:\n{run.log_tail()}"
         time.sleep(0.1)

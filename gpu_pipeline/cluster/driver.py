@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpu_pipeline import logs
 from gpu_pipeline.cluster.connect import ClusterHandle
 from gpu_pipeline.cluster.tasks import STAGED, TaskSpec, run_task
 from gpu_pipeline.config import RunConfig
@@ -29,6 +30,8 @@ from gpu_pipeline.runtime.metrics import ProgressDisplay, RunMetrics
 from gpu_pipeline.runtime.pipeline import Pipeline, RunResult
 
 HEARTBEAT_S = 2.0
+KAFKA_ROUNDS = 5
+"""Rounds of consumers a bounded Kafka job gets to read every partition to its end."""
 
 
 class ClusterError(PipelineError):
@@ -109,6 +112,11 @@ class ClusterRun:
         failure: BaseException | None = None
         try:
             reports, failure = self._wait(specs, progress, writer)
+            if self.kafka and self.config.until_idle:
+                more, failure = self._finish_kafka(
+                    reports, failure, reachable, staged, progress, writer
+                )
+                reports += more
         except Exception as exc:
             if not _scheduler_lost(exc):
                 raise
@@ -150,6 +158,63 @@ class ClusterRun:
         )
         return outcome
 
+    def _finish_kafka(
+        self,
+        reports: list[dict[str, Any]],
+        failure: BaseException | None,
+        reachable: str,
+        staged: bool,
+        progress: str | None,
+        writer: Any,
+    ) -> tuple[list[dict[str, Any]], BaseException | None]:
+        """A bounded Kafka job ends when every partition was read to its end and flushed.
+
+        Each consumer ends by itself once the partitions it holds are idle, so a partition
+        that a rebalance handed over late (to a consumer that had already finished, or away
+        from one that died) can be left short of its end.  The client checks every partition
+        of the topic and runs the consumers again until none is; the partitions resume from
+        their checkpoints, so a round adds only what is missing.
+        """
+        more: list[dict[str, Any]] = []
+        for round_ in range(2, KAFKA_ROUNDS + 1):
+            if failure is not None or self._stop.is_set():
+                return more, failure
+            if any(r.get("stopped") for r in reports + more):
+                return more, failure
+            unfinished = self._unfinished_partitions()
+            if not unfinished:
+                return more, failure
+            logs.say(
+                f"partitions {unfinished} were not read to their end and flushed (a "
+                f"rebalance moved them late): consumer round {round_}",
+                partitions=unfinished,
+                round=round_,
+            )
+            specs = self._specs(reachable, staged, round_)
+            reports_now, failure = self._wait(specs, progress, writer)
+            more += reports_now
+        if failure is None and not self._stop.is_set():
+            unfinished = self._unfinished_partitions()
+            if unfinished:
+                failure = ClusterError(
+                    f"partitions {unfinished} were still not read to their end after "
+                    f"{KAFKA_ROUNDS} rounds of consumers; run the same command again to resume"
+                )
+        return more, failure
+
+    def _unfinished_partitions(self) -> list[int]:
+        """Partitions of the topic with data that no consumer has flushed at its position."""
+        store = self.pipeline.store
+        unfinished = []
+        for partition, (low, high) in sorted(topic_extent(self.config).items()):
+            position = store.position(partition)
+            if position is None:
+                if high > low:
+                    unfinished.append(partition)
+            elif store.flushed_position(partition) != position:
+                unfinished.append(partition)
+        return unfinished
+
     def _register_setup(self) -> None:
         from collections import Counter
 
@@ -165,14 +230,15 @@ class ClusterRun:
         except Exception as exc:
             raise ClusterError(f"preparing the workers failed: {exc}") from exc
 
-    def _specs(self, reachable: str, staged: bool) -> list[TaskSpec]:
+    def _specs(self, reachable: str, staged: bool, round_: int = 1) -> list[TaskSpec]:
         base = dict(
             config=self.config, job=self.job_id, control=self.control_name, reachable=reachable
         )
         if self.kafka:
             members = len(self.handle.workers())
+            suffix = "" if round_ == 1 else f"-r{round_}"
             return [
-                TaskSpec(**base, staged=staged, member=m, name=f"consumer-{m}")  # type: ignore[arg-type]
+                TaskSpec(**base, staged=staged, member=m, name=f"consumer-{m}{suffix}")  # type: ignore[arg-type]
                 for m in range(members)
             ]
         count = _partition_count(self.config)
@@ -256,6 +322,38 @@ def _live_records(progress_of: dict[str, Any], reports: list[dict[str, Any]]) ->
             continue
         total += int(report.get("records", 0)) if isinstance(report, dict) else 0
     return total
+
+
+def topic_extent(config: RunConfig) -> dict[int, tuple[int, int]]:
+    """Low and high watermark of every partition of the job's Kafka topic."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    from gpu_pipeline.sources.kafka import (
+        client_properties,
+        connection_properties,
+        parse_kafka_url,
+    )
+
+    bootstrap, topic, properties = parse_kafka_url(config.source, "source")
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "gpu-pipeline-extent",
+            "enable.auto.commit": False,
+            **client_properties(connection_properties(properties)),
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=15)
+        partitions = sorted(metadata.topics[topic].partitions)
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
+            for p in partitions
+        }
+    except (KafkaException, KeyError) as exc:
+        raise ClusterError(f"cannot read the extent of topic {topic!r}: {exc}") from exc
+    finally:
+        consumer.close()
 
 
 def _partition_count(config: RunConfig) -> int:

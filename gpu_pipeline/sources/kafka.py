@@ -75,6 +75,7 @@ _DRAIN_MESSAGES = 20_000
 _POLL_S = 0.1
 """Longest wait inside the client, so that ``stop()`` and wait deadlines are noticed."""
 _JOIN_GRACE_MS = 30_000
+_SHARED_JOIN_GRACE_MS = 12_000
 """``until_idle`` waits at least this long for a first assignment (a group join is slow)."""
 _METADATA_TIMEOUT_S = 10.0
 _COMMIT_ATTEMPTS = 3
@@ -608,7 +609,10 @@ class KafkaSource(Source):
         chooses ``group.protocol=consumer`` or its own ``group.instance.id``.  ``member``
         numbers the consumer among a cluster run's consumers of the job: each is its own
         static member, and a consumer task rerun on another worker after its worker died
-        rejoins under the dead one's name and takes its partitions back at once.
+        rejoins under the dead one's name and takes its partitions back at once.  In a
+        bounded (``--until-idle``) cluster run the consumers are dynamic members instead: one
+        that is done leaves the group at once, so the others need not wait out its session
+        timeout, while a dead one's partitions move once its session (10 s) times out.
         """
         from gpu_pipeline.runtime.job import consumer_group
         from gpu_pipeline.runtime.job import job_id as job_id_of
@@ -616,7 +620,12 @@ class KafkaSource(Source):
         bootstrap, topic, properties = parse_kafka_url(config.source, "source")
         job_id = job_id or job_id_of(config)
         config = replace(config, group_id=consumer_group(config, job_id))
-        if str(properties.get("group.protocol", "classic")).lower() == "classic":
+        classic = str(properties.get("group.protocol", "classic")).lower() == "classic"
+        # A static member does not leave the group when it closes, so the others wait out
+        # its session timeout before they rebalance: right for a process that restarts,
+        # wrong for a cluster consumer of a bounded (--until-idle) job that is done.
+        bounded_member = member is not None and config.until_idle
+        if classic and not bounded_member:
             properties.setdefault("group.instance.id", static_instance_id(config, job_id, member))
         return cls(
             bootstrap,
@@ -742,7 +751,10 @@ class KafkaSource(Source):
         if not self._parts:
             if self._ever_assigned:
                 return idle_for >= self.idle_timeout_s
-            if idle_for < max(self.idle_timeout_s, _JOIN_GRACE_MS / 1000):
+            # a cluster run's client checks that every partition was finished, and runs
+            # its consumers again if not: one the group gives nothing need not wait long
+            grace_ms = _SHARED_JOIN_GRACE_MS if self.shares_group else _JOIN_GRACE_MS
+            if idle_for < max(self.idle_timeout_s, grace_ms / 1000):
                 return False
             if self.shares_group:
                 # one of a cluster run's consumers, and the others hold every partition

@@ -10,6 +10,8 @@ move to another consumer of the group with its state)::
                                   recorded before its rows are inserted
     p3/DONE                    -> a cluster run's partition 3 (a file) was read and flushed to
                                   its end
+    p3/FLUSHED                 -> the position at which a bounded Kafka run flushed partition 3
+                                  (its end of input then)
     p3/LEASE                   -> locked (flock) by the process that works on partition 3
     COMPLETE                   -> written when a bounded job has flushed everything
     JOB.json                   -> the job's identity (source, sink, database, semantics; no secrets)
@@ -41,6 +43,7 @@ COMPLETE = "COMPLETE"
 JOB = "JOB.json"
 INTENT = "INTENT"
 DONE = "DONE"
+FLUSHED = "FLUSHED"
 LEASE = "LEASE"
 LEASE_WAIT_S = 120.0
 """How long a process waits for a partition another process still works on: longer than an
@@ -224,6 +227,22 @@ class CheckpointStore:
         """Record that ``partition`` was read to its end and flushed (a cluster worker's
         share of a bounded job; a rerun of its task then does nothing)."""
         self.files.write(f"p{partition}/{DONE}", b"done\n")
+
+    def position(self, partition: int) -> int | None:
+        """The read position of ``partition``'s newest checkpoint (its manifest only)."""
+        found = self._manifest(partition)
+        return None if found is None else int(found[1]["position"])
+
+    def mark_flushed(self, partition: int, position: int) -> None:
+        """Record that a bounded Kafka run flushed ``partition`` at ``position`` (its end)."""
+        self.files.write(f"p{partition}/{FLUSHED}", str(int(position)).encode())
+
+    def flushed_position(self, partition: int) -> int | None:
+        """Where ``partition`` was last flushed by a bounded Kafka run, or None."""
+        try:
+            return int((self.files.read(f"p{partition}/{FLUSHED}") or b"").decode())
+        except ValueError:
+            return None
 
     def partition_done(self, partition: int) -> bool:
         """Whether :meth:`mark_partition_done` was recorded for ``partition``."""
