@@ -28,7 +28,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,13 +249,23 @@ class CheckpointStore:
         """Whether :meth:`mark_partition_done` was recorded for ``partition``."""
         return self.files.exists(f"p{partition}/{DONE}")
 
-    def lease(self, partition: int, wait_s: float = LEASE_WAIT_S) -> AbstractContextManager[None]:
+    @contextmanager
+    def lease(self, partition: int, wait_s: float = LEASE_WAIT_S) -> Iterator[None]:
         """Hold ``partition`` exclusively while working on it: a task rerun after its worker
         was killed gets it at once (or, on an object store, once dask's lease on the dead
         worker's lock times out), while a second live process on the same partition (a task
         run twice) waits, then fails, instead of writing the same checkpoints concurrently.
         """
-        return _Lease(self, partition, wait_s)
+        with ExitStack() as held:
+            try:
+                held.enter_context(self.files.lease(f"p{partition}/{LEASE}", wait_s))
+            except LeaseHeld as exc:
+                raise CheckpointError(
+                    f"partition {partition} of job {self.job_id} is held by another process "
+                    f"({exc}) for more than {wait_s:.0f} s: the same job runs twice; stop the "
+                    "other run first"
+                ) from None
+            yield
 
     def is_complete(self) -> bool:
         """True once a bounded job has flushed and checkpointed everything."""
@@ -272,29 +283,6 @@ class CheckpointStore:
     def reset(self) -> None:
         """Forget every checkpoint of this job (``--fresh``)."""
         self.files.remove()
-
-
-class _Lease(AbstractContextManager[None]):
-    def __init__(self, store: CheckpointStore, partition: int, wait_s: float) -> None:
-        self.store, self.partition, self.wait_s = store, partition, wait_s
-        self._held: AbstractContextManager[None] | None = None
-
-    def __enter__(self) -> None:
-        held = self.store.files.lease(f"p{self.partition}/{LEASE}", self.wait_s)
-        try:
-            held.__enter__()
-        except LeaseHeld as exc:
-            raise CheckpointError(
-                f"partition {self.partition} of job {self.store.job_id} is held by another "
-                f"process ({exc}) for more than {self.wait_s:.0f} s: the same job runs twice; "
-                "stop the other run first"
-            ) from None
-        self._held = held
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._held is not None:
-            self._held.__exit__(*exc)
-            self._held = None
 
 
 def _table_bytes(table: pa.Table) -> bytes:
