@@ -86,6 +86,17 @@ def test_a_file_job_on_a_local_cuda_cluster_writes_the_single_process_tables(
     assert_same_tables(run.tables(), expected)
 
 
+def wait_for_workers(
+    run: Job, child: subprocess.Popen[bytes], count: int = 2, timeout_s: float = 60
+) -> list[psutil.Process]:
+    """The dask worker processes of ``run``, once ``count`` of them are up."""
+    deadline = time.monotonic() + timeout_s
+    while len(workers := worker_processes(child.pid)) < count:
+        assert time.monotonic() < deadline, run.log_tail()
+        time.sleep(0.1)
+    return workers
+
+
 def worker_processes(parent: int) -> list[psutil.Process]:
     """The dask worker processes of a ``--workers`` run (children of its nannies, started
     through ``multiprocessing.spawn``; not the resource tracker)."""
@@ -120,10 +131,7 @@ def test_workers_killed_at_random_moments_change_nothing(
     kills = 2 if seed == 3 else 1
     try:
         for _ in range(kills):
-            deadline = time.monotonic() + 60
-            while len(workers := worker_processes(child.pid)) < 2:
-                assert time.monotonic() < deadline, run.log_tail()
-                time.sleep(0.1)
+            workers = wait_for_workers(run, child)
             time.sleep(rng.uniform(1.5, 4.0))
             victim = workers[0] if seed == 3 else rng.choice(workers)
             assert child.poll() is None, "the run ended before the kill: make it longer"

@@ -16,7 +16,7 @@ import pytest
 from gpu_pipeline.sources.kafka_producer import produce_synthetic
 from tests.engine_harness import assert_tables_equal
 from tests.pipeline_runs import Job, group_caught_up, terminate, wait_until
-from tests.test_cluster import worker_processes
+from tests.test_cluster import wait_for_workers
 from tests.test_kafka_pipeline import Topic, new_job, new_topic, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -88,10 +88,7 @@ def test_a_worker_killed_mid_run_changes_nothing(
     child = job.start()
     try:
         for _ in range(2 if repeat else 1):
-            deadline = time.monotonic() + 60
-            while len(workers := worker_processes(child.pid)) < 2:
-                assert time.monotonic() < deadline, job.log_tail()
-                time.sleep(0.1)
+            workers = wait_for_workers(job, child)
             wait_for_progress(job)
             assert child.poll() is None, "the run ended before the kill: make it longer"
             with contextlib.suppress(psutil.NoSuchProcess):

@@ -17,7 +17,7 @@ import pytest
 
 from tests.object_store import S3Endpoint, s3_server
 from tests.pipeline_runs import Job, Tables, assert_same_tables
-from tests.test_cluster import job, partitioned, worker_processes  # noqa: F401 - a fixture
+from tests.test_cluster import job, partitioned, wait_for_workers  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -77,10 +77,8 @@ def test_a_cluster_job_with_s3_checkpoints_survives_a_killed_worker(
     )
     child = run.start()
     try:
+        workers = wait_for_workers(run, child, timeout_s=90)
         deadline = time.monotonic() + 90
-        while len(workers := worker_processes(child.pid)) < 2:
-            assert time.monotonic() < deadline, run.log_tail()
-            time.sleep(0.1)
         fs = s3_env.filesystem()
         bucket = str(run.checkpoint_dir).removeprefix("s3://")
         while not fs.glob(f"{bucket}/*/p*/CURRENT"):

@@ -11,27 +11,7 @@ import pytest
 from gpu_pipeline.cluster import staging
 from gpu_pipeline.cluster.staging import StagedSink, StagedWriter
 from gpu_pipeline.errors import SinkError
-from gpu_pipeline.sinks.base import Sink
-
-
-class RecordingSink(Sink):
-    def __init__(self) -> None:
-        self.writes: list[tuple[str, int, str]] = []
-
-    def open(self) -> None:
-        pass
-
-    def write(self, table: str, rows: pa.Table, token: str) -> None:
-        self.writes.append((table, rows.num_rows, token))
-
-    def query(self, sql: str) -> pa.Table:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def describe(self) -> str:
-        return "recording"
+from tests.test_outbox import RecordingSink
 
 
 def rows(n: int) -> pa.Table:
