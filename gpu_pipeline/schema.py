@@ -134,6 +134,33 @@ PRODUCT_5M = pa.schema(
     ]
 )
 
+QUALITY_1M = pa.schema(
+    [
+        pa.field("minute", TS, nullable=False),
+        *(
+            pa.field(name, pa.int64(), nullable=False)
+            for name in (
+                "records",
+                "dead_letters",
+                "events",
+                "duplicates",
+                "late",
+                "on_time",
+                "with_page",
+                "with_category",
+                "with_country",
+                "with_device",
+                "with_referrer",
+                "lag_events",
+                "lag_ms_sum",
+                "lag_ms_max",
+            )
+        ),
+        pa.field("partition", pa.int32(), nullable=False),
+    ]
+)
+"""Partial data-quality counts of one partition and minute (gpu_pipeline.operators.quality)."""
+
 OUTPUT_TABLES: dict[str, pa.Schema] = {
     "events": EVENTS,
     "sessions": SESSIONS,
@@ -141,7 +168,11 @@ OUTPUT_TABLES: dict[str, pa.Schema] = {
     "product_5m": PRODUCT_5M,
     "late_events": LATE_EVENTS,
     "dead_letters": DEAD_LETTERS,
+    "quality_1m": QUALITY_1M,
 }
 """Every table the pipeline writes, by name."""
 
 VERSIONED_TABLES: frozenset[str] = frozenset({"traffic_1m", "product_5m"})
+"""Window tables: every write of a row is a new version (read with FINAL)."""
+ADDITIVE_TABLES: frozenset[str] = frozenset({"quality_1m"})
+"""Tables of partial sums: rows of one key add up (read through their ``_total`` view)."""

@@ -34,15 +34,16 @@ class EngineResult:
 
 
 def raw_batch(partition: int, records: Sequence[Record], source: str = "test") -> RawBatch:
-    """The records as one RawBatch (records may contain newlines? no: NDJSON records never do)."""
+    """The records as one RawBatch, with their source timestamps if the records carry them."""
     buffer = bytearray()
     starts, ends = [], []
-    for _, _, raw in records:
+    for record in records:
         starts.append(len(buffer))
-        buffer += raw
+        buffer += record[2]
         ends.append(len(buffer))
         buffer += b"\n"
     next_offset = records[-1][0] + 1 if records else 0
+    stamped = bool(records) and len(records[0]) == 4
     return RawBatch(
         partition=partition,
         buffer=bytes(buffer),
@@ -52,6 +53,7 @@ def raw_batch(partition: int, records: Sequence[Record], source: str = "test") -
         seqs=np.array([r[1] for r in records], dtype=np.int32),
         source=source,
         next_offset=next_offset,
+        timestamps=np.array([r[-1] for r in records], dtype=np.int64) if stamped else None,
     )
 
 
@@ -93,6 +95,19 @@ def engine_run(
             table = keep_final_versions(name, table)
         tables[name] = canonical(name, table)
     return EngineResult(tables, counts, all_windows)
+
+
+def without_ingest_lag(tables: Mapping[str, pa.Table]) -> dict[str, pa.Table]:
+    """The tables with ``quality_1m``'s ingest-lag columns zeroed: for comparing a Kafka run
+    with a run over the same records from a file, which has no message timestamps."""
+    out = dict(tables)
+    quality = out["quality_1m"]
+    for column in ("lag_events", "lag_ms_sum", "lag_ms_max"):
+        index = quality.schema.get_field_index(column)
+        zeros = pa.array([0] * quality.num_rows, pa.int64())
+        quality = quality.set_column(index, quality.schema.field(index), zeros)
+    out["quality_1m"] = quality
+    return out
 
 
 def dead_letter_fields(table: pa.Table) -> list[tuple[object, ...]]:

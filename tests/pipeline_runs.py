@@ -287,7 +287,8 @@ def split_message(offset: int, value: bytes | None) -> list[Record]:
 
 
 def read_partitions(bootstrap: str, topic: str, partitions: int) -> dict[int, list[Record]]:
-    """Every record of the topic, per partition in offset order (the reference's input)."""
+    """Every record of the topic, per partition in offset order, with its message timestamp
+    (the reference's input)."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -311,7 +312,11 @@ def read_partitions(bootstrap: str, topic: str, partitions: int) -> dict[int, li
                     at_end.add(partition)
                     continue
                 assert error is None, error
-                records[partition] += split_message(message.offset() or 0, message.value())
+                stamp = max(0, message.timestamp()[1])
+                records[partition] += [
+                    (*record, stamp)
+                    for record in split_message(message.offset() or 0, message.value())
+                ]
                 at_end.discard(partition)
     finally:
         consumer.close()

@@ -32,8 +32,16 @@ from gpu_pipeline import schema
 from gpu_pipeline.hashing import session_id as make_session_id
 from gpu_pipeline.semantics import Semantics, WindowSpec
 
-Record = tuple[int, int, bytes]
-"""One raw record of a partition: (offset, seq, raw bytes)."""
+Record = tuple[int, int, bytes] | tuple[int, int, bytes, int]
+"""One raw record of a partition: (offset, seq, raw bytes[, source timestamp in epoch ms]);
+the timestamp (Kafka's message time) only feeds the ingest lag of ``quality_1m``."""
+
+QUALITY_COUNTS: tuple[str, ...] = tuple(
+    f.name for f in schema.QUALITY_1M if f.name not in ("minute", "partition", "lag_ms_max")
+)
+"""The columns of ``quality_1m`` that add up; ``lag_ms_max`` is a maximum."""
+QUALITY_FIELDS: tuple[str, ...] = ("page", "category", "country", "device", "referrer")
+"""Optional fields whose presence ``quality_1m`` counts (completeness)."""
 
 MAX_TS_MS = 10_413_791_999_999
 """2299-12-31T23:59:59.999Z, the largest accepted event time (ClickHouse DateTime64 ends there)."""
@@ -59,6 +67,7 @@ SORT_KEYS: dict[str, list[str]] = {
     "sessions": ["partition", "user_id", "session_start", "session_id"],
     "traffic_1m": ["partition", "window_start", "event_type"],
     "product_5m": ["partition", "window_start", "product_id"],
+    "quality_1m": ["partition", "minute"],
 }
 """A total order of every output table's rows, for comparing tables from different engines."""
 
@@ -487,6 +496,8 @@ class ReferenceResult:
     stats: dict[str, int]
     session_closes: list[SessionClose] = field(default_factory=list)
     window_writes: list[WindowWrite] = field(default_factory=list)
+    quality_before_end: pa.Table = field(default_factory=schema.QUALITY_1M.empty_table)
+    """``quality_1m`` without the end-of-input flush (what a stopped run has written)."""
 
 
 @dataclass
@@ -601,6 +612,10 @@ class _PartitionModel:
         self.held: tuple[Event, dict[str, int], bytes] | None = None
         self.session_closes: list[SessionClose] = []
         self.window_writes: list[WindowWrite] = []
+        self.quality_clock: int | None = None
+        self.quality: dict[int, dict[str, int]] = {}
+        self.quality_at_end: dict[int, dict[str, int]] = {}
+        self.finishing = False
 
     def watermark(self) -> int | None:
         """W for the next event: max ts of the valid events so far minus D; None is -infinity."""
@@ -608,7 +623,7 @@ class _PartitionModel:
             return None
         return self.max_ts_ms - self.sem.max_out_of_orderness_ms
 
-    def feed(self, offset: int, seq: int, raw: bytes) -> None:
+    def feed(self, offset: int, seq: int, raw: bytes, source_ts: int = 0) -> None:
         self.stats["records"] += 1
         position = {"partition": self.partition, "offset": offset, "seq": seq}
         decoded = validate_record(raw)
@@ -618,37 +633,65 @@ class _PartitionModel:
         bound = self.sem.max_future_skew_ms
         if self.held is not None:
             # The event-time guard: the next valid event decides a suspect.
-            held, held_position, held_raw = self.held
+            held, held_position, held_raw, held_source_ts = self.held
             self.held = None
             if decoded.ts_ms < held.ts_ms - bound:
                 self.stats["future_ts"] += 1
                 error = f"ts: more than {bound} ms ahead, and the next event contradicts it"
                 self._dead_letter(held_raw, error, held_position)
             else:
-                self._take(held, held_position)
+                self._take(held, held_position, held_source_ts)
         if bound and (self.max_ts_ms is None or decoded.ts_ms > self.max_ts_ms + bound):
-            self.held = (decoded, position, raw)  # suspect: wait for the next valid event
+            # suspect: wait for the next valid event
+            self.held = (decoded, position, raw, source_ts)
             return
-        self._take(decoded, position)
+        self._take(decoded, position, source_ts)
 
     def _dead_letter(self, raw: bytes, error: str, position: dict[str, int]) -> None:
         self.stats["dead_letters"] += 1
         row = {"raw": raw, "error": error, "source": self.source, **position}
         self.rows["dead_letters"].append(row)
+        clock = self.quality_clock
+        minute = 0 if clock is None else clock // 60_000 * 60_000
+        self._quality(minute, records=1, dead_letters=1)
 
-    def _take(self, event: Event, position: dict[str, int]) -> None:
+    def _quality(self, minute: int, **counts: int) -> None:
+        """Count a record in ``quality_1m`` (those of the end-of-input flush apart)."""
+        book = self.quality_at_end if self.finishing else self.quality
+        row = book.setdefault(minute, dict.fromkeys(QUALITY_COUNTS, 0) | {"lag_ms_max": None})
+        for name, value in counts.items():
+            if name == "lag_ms_max":
+                row[name] = value if row[name] is None else max(row[name], value)
+            else:
+                row[name] += value
+
+    def _take(self, event: Event, position: dict[str, int], source_ts: int = 0) -> None:
         """A valid event the guard let through: SPEC §2.2-2.6 in arrival order."""
         self.stats["events"] += 1
-        self._accept(event, position)
+        bound = self.sem.max_future_skew_ms
+        suspect = bool(bound) and (self.max_ts_ms is None or event.ts_ms > self.max_ts_ms + bound)
+        outcome = self._accept(event, position)
+        minute = event.ts_ms // 60_000 * 60_000
+        counts = {"records": 1, "events": 1, outcome: 1}
+        if outcome == "on_time":
+            for name in QUALITY_FIELDS:
+                counts[f"with_{name}"] = int(getattr(event, name) is not None)
+            if source_ts > 0:
+                lag = source_ts - event.ts_ms
+                counts.update(lag_events=1, lag_ms_sum=lag, lag_ms_max=lag)
+        self._quality(minute, **counts)
+        if not suspect and (self.quality_clock is None or event.ts_ms > self.quality_clock):
+            self.quality_clock = event.ts_ms
         if self.max_ts_ms is None or event.ts_ms > self.max_ts_ms:
             self.max_ts_ms = event.ts_ms
         self._advance((position["offset"], position["seq"]))
 
-    def _accept(self, event: Event, position: dict[str, int]) -> None:
+    def _accept(self, event: Event, position: dict[str, int]) -> str:
+        """SPEC §2.3-2.6 for one event: ``duplicates``, ``late`` or ``on_time``."""
         watermark = self.watermark()
         if self._is_duplicate(event, watermark):
             self.stats["duplicates"] += 1
-            return
+            return "duplicates"
         self.accepted.setdefault(event.event_id, []).append(event.ts_ms)
         lateness = self.sem.allowed_lateness_ms
         if watermark is not None and event.ts_ms < watermark - lateness:
@@ -659,7 +702,7 @@ class _PartitionModel:
             )
             row = {**event.fields(), "watermark": watermark, "reason": reason, **position}
             self.rows["late_events"].append(row)
-            return
+            return "late"
         self.stats["on_time"] += 1
         arrival = self.arrivals
         self.arrivals += 1
@@ -667,6 +710,7 @@ class _PartitionModel:
         self.rows["events"].append({**event.fields(), "session_id": session.session_id, **position})
         for spec in self.sem.windows:
             self._add_to_windows(spec, event, watermark, (position["offset"], position["seq"]))
+        return "on_time"
 
     def _is_duplicate(self, event: Event, watermark: int | None) -> bool:
         """An earlier accepted event has this id and the watermark is below its ts + TTL."""
@@ -755,10 +799,11 @@ class _PartitionModel:
     def finish(self) -> None:
         """End of input: a held suspect passes (nothing contradicts it); then the watermark
         goes to +infinity and everything still open is written."""
+        self.finishing = True
         if self.held is not None:
-            held, held_position, _ = self.held
+            held, held_position, _, held_source_ts = self.held
             self.held = None
-            self._take(held, held_position)
+            self._take(held, held_position, held_source_ts)
         for session in self.open_sessions:
             self._close(session, None, None)
         self.open_sessions = []
@@ -770,6 +815,29 @@ class _PartitionModel:
         self.rows["sessions"] = [session.row(self.partition) for session in self.sessions]
         for window in self.windows.values():
             self.rows[window.spec.table].append(window.row(self.partition, window.version))
+        self.rows["quality_1m"] = [
+            *quality_rows(self.partition, self.quality),
+            *quality_rows(self.partition, self.quality_at_end),
+        ]
+
+    def quality_before_end(self) -> list[dict[str, Any]]:
+        """The quality rows of everything before the end-of-input flush."""
+        return quality_rows(self.partition, self.quality)
+
+
+def quality_rows(
+    partition: int, book: Mapping[int, Mapping[str, int | None]]
+) -> list[dict[str, Any]]:
+    """``quality_1m`` rows from per-minute counts."""
+    return [
+        {
+            "minute": minute,
+            **{name: counts[name] for name in QUALITY_COUNTS},
+            "lag_ms_max": counts["lag_ms_max"] or 0,
+            "partition": partition,
+        }
+        for minute, counts in sorted(book.items())
+    ]
 
 
 def reference_run(
@@ -800,11 +868,13 @@ def reference_run(
     stats = dict.fromkeys(STAT_NAMES, 0)
     closes: list[SessionClose] = []
     writes: list[WindowWrite] = []
+    quality_before_end: list[dict[str, Any]] = []
     for partition in sorted(partitions):
         model = _PartitionModel(partition, semantics, source)
-        for offset, seq, raw in partitions[partition]:
-            model.feed(offset, seq, raw)
+        for record in partitions[partition]:
+            model.feed(*record)
         model.finish()
+        quality_before_end.extend(model.quality_before_end())
         for name, table_rows in model.rows.items():
             rows[name].extend(table_rows)
         for name, count in model.stats.items():
@@ -819,7 +889,8 @@ def reference_run(
         name: pa.Table.from_pylist(rows[name], schema=table_schema)
         for name, table_schema in schema.OUTPUT_TABLES.items()
     }
-    return ReferenceResult(tables, stats, closes, writes)
+    before_end = pa.Table.from_pylist(quality_before_end, schema=schema.QUALITY_1M)
+    return ReferenceResult(tables, stats, closes, writes, before_end)
 
 
 def _check_window_tables(semantics: Semantics) -> None:
@@ -853,10 +924,31 @@ def reference_window_versions_trace(
 
 
 def canonical(name: str, table: pa.Table) -> pa.Table:
-    """The table with the contract's columns in schema order and rows in ``SORT_KEYS`` order."""
+    """The table with the contract's columns in schema order and rows in ``SORT_KEYS`` order;
+    partial sums (``quality_1m``) added up per key first, as its ``_total`` view does."""
     table_schema = schema.OUTPUT_TABLES[name]
     table = table.select(table_schema.names).cast(table_schema)
+    if name in schema.ADDITIVE_TABLES:
+        table = sum_partials(table)
     return table.sort_by([(key, "ascending") for key in SORT_KEYS[name]])
+
+
+def sum_partials(table: pa.Table) -> pa.Table:
+    """``quality_1m`` rows of one (partition, minute) added up (a maximum for lag_ms_max,
+    over the rows that have lag at all)."""
+    totals: dict[tuple[int, Any], dict[str, Any]] = {}
+    for row in table.to_pylist():
+        key = (row["partition"], row["minute"])
+        total = totals.get(key)
+        if total is None:
+            totals[key] = dict(row)
+            continue
+        if row["lag_events"]:
+            best = total["lag_ms_max"] if total["lag_events"] else row["lag_ms_max"]
+            total["lag_ms_max"] = max(best, row["lag_ms_max"])
+        for column in QUALITY_COUNTS:
+            total[column] += row[column]
+    return pa.Table.from_pylist(list(totals.values()), schema=table.schema)
 
 
 def keep_final_versions(name: str, table: pa.Table) -> pa.Table:

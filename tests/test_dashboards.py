@@ -44,6 +44,9 @@ COMPOSE = REPO_ROOT / "deploy" / "docker-compose.yml"
 CLICKHOUSE_TYPE = "grafana-clickhouse-datasource"
 PROMETHEUS_TYPE = "prometheus"
 DATABASE = "clickstream"
+NEEDS_SOURCE_TIMESTAMPS = frozenset({"Ingest lag (Kafka message time - event time)"})
+"""Panels that only have values for a source with record timestamps (Kafka): the synthetic run
+here gives them rows of NULLs; tests/test_quality.py checks the figures on a real broker."""
 EVENTS = 10_000
 """Enough for every panel to have data (the stream has ~0.1% dead letters and late events) and
 for 100 batches, so that the endpoint is scraped while the run works."""
@@ -366,7 +369,8 @@ def test_a_clickhouse_panel_query_runs_and_has_rows(run: Run, item: Target) -> N
     finally:
         sink.close()
     assert result.num_rows > 0, f"{item.name}: no rows from\n{sql}"
-    assert _has_a_value(result), f"{item.name}: only zeros and nulls from\n{sql}"
+    if panel["title"] not in NEEDS_SOURCE_TIMESTAMPS:
+        assert _has_a_value(result), f"{item.name}: only zeros and nulls from\n{sql}"
     if timeseries:
         assert columns[0]["name"] == "time", f"{item.name}: the first column must be time"
         assert columns[0]["type"].startswith("DateTime"), f"{item.name}: {columns[0]}"

@@ -33,9 +33,11 @@ HELD_SCHEMA = pa.schema(
         *schema.DECODED_EVENTS,
         pa.field("raw", pa.binary(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
+        pa.field("source_ts", pa.int64(), nullable=False),
     ]
 )
-"""A held suspect: the decoded event, its raw bytes and source name (for its dead letter)."""
+"""A held suspect: the decoded event, its raw bytes and source name (for its dead letter) and
+the source's time of its record (0: none)."""
 
 _FIRST_WINDOW = 4096
 """Rows scanned per pass after a rejection; grows while passes find nothing to reject, so a
@@ -192,7 +194,12 @@ class EventTimeGuard:
 
     def restore(self, table: pa.Table | None) -> None:
         """Rebuild from :meth:`snapshot` (``None``: a checkpoint from before the guard)."""
-        self._held = HELD_SCHEMA.empty_table() if table is None else table.cast(HELD_SCHEMA)
+        if table is None:
+            self._held = HELD_SCHEMA.empty_table()
+            return
+        if "source_ts" not in table.column_names:  # a checkpoint from before quality counts
+            table = table.append_column("source_ts", pa.array([0] * table.num_rows, pa.int64()))
+        self._held = table.select(HELD_SCHEMA.names).cast(HELD_SCHEMA)
 
 
 def _iso(ms: int) -> str:

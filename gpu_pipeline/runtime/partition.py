@@ -1,7 +1,8 @@
 """One partition's operators, run in the SPEC §2 order on each decoded batch.
 
 event-time guard -> watermark -> dedup -> lateness (side output) -> sessions -> windows,
-then, at the batch's closing watermark: expire dedup ids, close sessions, emit windows.
+then, at the batch's closing watermark: expire dedup ids, close sessions, emit windows; the
+quality counts (``quality_1m``) of everything the call saw come last.
 All state lives in the operators; :meth:`PartitionProcessor.snapshot` captures it completely.
 """
 
@@ -26,6 +27,7 @@ from gpu_pipeline.operators.guard import (
     clock_reason,
     rejection_reason,
 )
+from gpu_pipeline.operators.quality import OPTIONAL_FIELDS, EventQuality, QualityCounter
 from gpu_pipeline.operators.sessionize import SessionConfig, Sessionizer
 from gpu_pipeline.operators.watermark import NEG_INF, Watermark
 from gpu_pipeline.operators.windows import WindowAggregator
@@ -80,6 +82,7 @@ class PartitionProcessor:
             WindowAggregator(spec, semantics.allowed_lateness_ms, backend, partition)
             for spec in semantics.windows
         ]
+        self.quality = QualityCounter(partition)
 
     # ------------------------------------------------------------------ processing
 
@@ -89,11 +92,12 @@ class PartitionProcessor:
         The output's ``dead_letters`` are the decoder's plus the events the guard set apart.
         """
         output = BatchOutput()
-        events, ts = self._screen(raw, decoded, output)
+        events, ts, source_ts = self._screen(raw, decoded, output)
         if events.num_rows:
-            self._process_events(events, ts, output)
+            self._process_events(events, ts, source_ts, output)
         self._add_dead_letters(output, decoded.dead)
         self._close(self.watermark.current(), output)
+        self._add_quality(output)
         return output
 
     def advance_idle(self, clock_ms: int) -> BatchOutput:
@@ -112,9 +116,12 @@ class PartitionProcessor:
                 self._add_dead_letters(output, _dead_rows(held, [reason]))
                 output.counts.future_ts += 1
             else:
-                self._process_events(_decoded(held), _int64(held["ts"]), output)
+                self._process_events(
+                    _decoded(held), _int64(held["ts"]), _int64(held["source_ts"]), output
+                )
         self.watermark.advance(clock_ms)
         self._close(self.watermark.current(), output)
+        self._add_quality(output)
         return output
 
     def flush(self) -> BatchOutput:
@@ -123,23 +130,31 @@ class PartitionProcessor:
         output = BatchOutput()
         held = self.guard.take_held()
         if held.num_rows:
-            self._process_events(_decoded(held), _int64(held["ts"]), output)
+            self._process_events(
+                _decoded(held), _int64(held["ts"]), _int64(held["source_ts"]), output
+            )
         self._close(None, output)
+        self._add_quality(output)
         return output
 
     def _screen(
         self, raw: RawBatch, decoded: DecodeResult, output: BatchOutput
-    ) -> tuple[pa.Table, np.ndarray]:
-        """The event-time guard: the events that go on, with their times; the rest set
-        apart (dead letters) or held for their successor."""
+    ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """The event-time guard: the events that go on, with their times and their source
+        times (0: none); the rest set apart (dead letters) or held for their successor."""
         events = decoded.events
         held = self.guard.take_held()
+        if raw.timestamps is None:
+            source_ts = np.zeros(events.num_rows, np.int64)
+        else:
+            source_ts = np.asarray(raw.timestamps, np.int64)[decoded.record_index]
         if held.num_rows:
             events = pa.concat_tables([held.select(schema.DECODED_EVENTS.names), events])
+            source_ts = np.concatenate([_int64(held["source_ts"]), source_ts])
         ts = _int64(events["ts"])
         verdict = self.guard.screen(ts, self.watermark.max_ts)
         if verdict.keep_all:
-            return events, ts
+            return events, ts, source_ts
         offset = held.num_rows
 
         def with_raw(rows: list[int]) -> pa.Table:
@@ -153,8 +168,10 @@ class PartitionProcessor:
                     raws.append(raw.record(int(decoded.record_index[i - offset])))
                     sources.append(raw.source)
             table = events.take(pa.array(rows, type=pa.int64()))
-            return table.append_column("raw", pa.array(raws, pa.binary())).append_column(
-                "source", pa.array(sources, pa.string())
+            return (
+                table.append_column("raw", pa.array(raws, pa.binary()))
+                .append_column("source", pa.array(sources, pa.string()))
+                .append_column("source_ts", pa.array(source_ts[rows], pa.int64()))
             )
 
         drop = np.zeros(ts.shape[0], dtype=bool)
@@ -170,7 +187,7 @@ class PartitionProcessor:
             self.guard.hold(with_raw([ts.shape[0] - 1]))
             drop[-1] = True
         keep = np.flatnonzero(~drop)
-        return events.take(pa.array(keep)), ts[keep]
+        return events.take(pa.array(keep)), ts[keep], source_ts[keep]
 
     def _add_dead_letters(self, output: BatchOutput, dead: pa.Table) -> None:
         """Merge ``dead`` into the output's dead letters, in arrival order."""
@@ -183,7 +200,9 @@ class PartitionProcessor:
             )
         output.tables["dead_letters"] = dead
 
-    def _process_events(self, events: pa.Table, ts_host: np.ndarray, output: BatchOutput) -> None:
+    def _process_events(
+        self, events: pa.Table, ts_host: np.ndarray, source_ts: np.ndarray, output: BatchOutput
+    ) -> None:
         xp = self.backend.xp
         asarray = self.backend.asarray
         lateness = self.semantics.allowed_lateness_ms
@@ -200,6 +219,7 @@ class PartitionProcessor:
         counts.duplicates += int(self.backend.to_host(duplicate).sum())
         counts.late += int(late_rows.shape[0])
         counts.on_time += int(on_rows.shape[0])
+        self._count_quality(events, ts_host, source_ts, w, duplicate, late)
         if late_rows.shape[0]:
             _append(
                 output, "late_events", self._late_rows(events, late_rows, self.backend.to_host(w))
@@ -231,6 +251,49 @@ class PartitionProcessor:
             else:
                 key, has_key = product_ids, has_product
             aggregator.apply(key, has_key, user, on_ts, on_w, etype, micros)
+
+    def _count_quality(
+        self,
+        events: pa.Table,
+        ts: np.ndarray,
+        source_ts: np.ndarray,
+        w: Any,
+        duplicate: Any,
+        late: Any,
+    ) -> None:
+        """Hand the accepted events to the quality counts (host arrays)."""
+        to_host = self.backend.to_host
+        w_host = to_host(w)
+        bound = self.semantics.max_future_skew_ms
+        if bound > 0:
+            finite = w_host != NEG_INF
+            reference = np.where(finite, w_host, 0) + self.watermark.delay_ms
+            suspect = ~finite | (ts > reference + bound)
+        else:
+            suspect = np.zeros(ts.shape[0], dtype=bool)
+        self.quality.add_events(
+            EventQuality(
+                ts=ts,
+                offsets=_int64(events["offset"]),
+                seqs=_int64(events["seq"]),
+                suspect=suspect,
+                duplicate=np.asarray(to_host(duplicate), dtype=bool),
+                late=np.asarray(to_host(late), dtype=bool),
+                present={
+                    name: np.asarray(
+                        events[name].is_valid().to_numpy(zero_copy_only=False), dtype=bool
+                    )
+                    for name in OPTIONAL_FIELDS
+                },
+                source_ts=source_ts,
+            )
+        )
+
+    def _add_quality(self, output: BatchOutput) -> None:
+        """The quality rows of this call (its events and dead letters)."""
+        rows = self.quality.rows(output.tables.get("dead_letters"))
+        if rows is not None:
+            output.tables["quality_1m"] = rows
 
     def _close(self, watermark: int | None, output: BatchOutput) -> None:
         """Expire, close and emit everything the watermark (None = +infinity) has passed."""
@@ -273,6 +336,7 @@ class PartitionProcessor:
             "watermark": self.watermark.snapshot(),
             "dedup": self.dedup.snapshot(),
             "sessions": self.sessions.snapshot(),
+            "quality": self.quality.snapshot(),
         }
         for aggregator in self.windows:
             state[f"window-{aggregator.spec.table}"] = aggregator.snapshot()
@@ -284,6 +348,7 @@ class PartitionProcessor:
         self.watermark.restore(state["watermark"])
         self.dedup.restore(state["dedup"])
         self.sessions.restore(state["sessions"])
+        self.quality.restore(state.get("quality"))
         for aggregator in self.windows:
             aggregator.restore(state[f"window-{aggregator.spec.table}"])
 

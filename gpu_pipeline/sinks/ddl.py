@@ -105,6 +105,24 @@ COLUMN_COMMENTS: dict[str, dict[str, str]] = {
         "add_to_carts": "Number of add_to_cart events",
         "purchases": "Number of purchase events",
     },
+    "quality_1m": {
+        "minute": "Minute (UTC): an event's own ts; a dead letter's partition clock where it "
+        "arrived (1970-01-01 before the partition has one)",
+        "records": "Records of this minute: events + dead_letters",
+        "dead_letters": "Invalid records (decoder and event-time guard)",
+        "events": "Valid events the event-time guard let through: duplicates + late + on_time",
+        "duplicates": "Events dropped as duplicates",
+        "late": "Events written to late_events",
+        "on_time": "Events written to events",
+        **{
+            f"with_{name}": f"On-time events that carry {name}"
+            for name in ("page", "category", "country", "device", "referrer")
+        },
+        "lag_events": "On-time events whose record has a source timestamp (Kafka)",
+        "lag_ms_sum": "Sum over those events of source timestamp - ts (ingest lag, ms)",
+        "lag_ms_max": "Largest ingest lag among those events (0 when lag_events = 0)",
+        "partition": "Source partition; rows are partial sums that add up (quality_1m_total)",
+    },
 }
 
 
@@ -164,6 +182,13 @@ TABLES: tuple[TableSpec, ...] = (
         "(source, `partition`, `offset`, seq)",
         "Invalid records with their raw bytes and the reason",
     ),
+    TableSpec(
+        "quality_1m",
+        "MergeTree",
+        "toYYYYMM(minute)",
+        "(minute, `partition`)",
+        "Data-quality counts per minute, as partial sums per partition; read quality_1m_total",
+    ),
 )
 
 
@@ -195,6 +220,13 @@ def _views(db: str) -> tuple[ViewSpec, ...]:
             "product_5m summed over partitions (latest version of every row)",
         ),
         ViewSpec(
+            "quality_1m_total",
+            _quality_total(db),
+            "Data quality per minute over all partitions: validity (dead-letter rate), "
+            "uniqueness (duplicate rate), completeness of optional fields, freshness "
+            "(ingest lag)",
+        ),
+        ViewSpec(
             "funnel_daily",
             f"SELECT toDate(ts) AS day, "
             f"uniqExactIf(user_id, event_type = 'page_view') AS page_view_users, "
@@ -217,6 +249,52 @@ def _views(db: str) -> tuple[ViewSpec, ...]:
             f"FROM {db}.sessions GROUP BY day",
             "Closed sessions per UTC day of their start",
         ),
+    )
+
+
+_QUALITY_SUMS = (
+    "records",
+    "dead_letters",
+    "events",
+    "duplicates",
+    "late",
+    "on_time",
+    "with_page",
+    "with_category",
+    "with_country",
+    "with_device",
+    "with_referrer",
+    "lag_events",
+    "lag_ms_sum",
+)
+
+
+def _quality_total(db: str) -> str:
+    """quality_1m_total: the partial sums added up per minute, then the rates (an inner
+    query, so that the sums' names do not shadow the columns they sum)."""
+    sums = ", ".join(f"sum({c}) AS n_{c}" for c in _QUALITY_SUMS)
+    inner = (
+        f"SELECT minute, {sums}, maxIf(lag_ms_max, lag_events > 0) AS n_lag_max, "
+        f"uniqExact(`partition`) AS n_partitions FROM {db}.quality_1m GROUP BY minute"
+    )
+
+    def rate(part: str, whole: str) -> str:
+        return f"if(n_{whole} = 0, NULL, n_{part} / n_{whole})"
+
+    completeness = ", ".join(
+        f"{rate(f'with_{name}', 'on_time')} AS {name}_completeness"
+        for name in ("page", "category", "country", "device", "referrer")
+    )
+    return (
+        "SELECT minute, n_records AS records, n_dead_letters AS dead_letters, "
+        "n_events AS events, n_duplicates AS duplicates, n_late AS late, "
+        "n_on_time AS on_time, "
+        f"{rate('dead_letters', 'records')} AS dead_letter_rate, "
+        f"{rate('duplicates', 'events')} AS duplicate_rate, "
+        f"{rate('late', 'events')} AS late_rate, {completeness}, "
+        f"n_lag_events AS lag_events, {rate('lag_ms_sum', 'lag_events')} AS avg_lag_ms, "
+        "if(n_lag_events = 0, NULL, n_lag_max) AS max_lag_ms, n_partitions AS partitions "
+        f"FROM ({inner})"
     )
 
 

@@ -37,6 +37,9 @@ class RawBatch:
     idle_clock_ms: int | None = field(default=None, kw_only=True)
     """Set on an empty batch that reports an idle partition (the opt-in idle policy): the
     wall clock, in epoch ms, to which the partition's event time may advance."""
+    timestamps: np.ndarray | None = field(default=None, kw_only=True)
+    """The source's own time of each record in epoch ms (Kafka message timestamps), or None
+    when the source has none (files); 0 marks a record without one."""
 
     def __len__(self) -> int:
         return int(self.starts.shape[0])

@@ -72,6 +72,8 @@ _TOPIC_RE = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _NEWLINE = 10
 _DRAIN_MESSAGES = 20_000
 """Messages taken from the client's queue per ``consume`` call once one has arrived."""
+_TIMESTAMP_MS = operator.itemgetter(1)
+"""``Message.timestamp()`` is ``(type, epoch ms)``."""
 _POLL_S = 0.1
 """Longest wait inside the client, so that ``stop()`` and wait deadlines are noticed."""
 _JOIN_GRACE_MS = 30_000
@@ -300,6 +302,8 @@ class _Chunk:
     rec_msg: np.ndarray
     seqs: np.ndarray
     arrived: float
+    timestamps: np.ndarray | None = None
+    """Message timestamps in epoch ms (0: none), one per message."""
     cursor: int = 0
 
     @property
@@ -313,10 +317,16 @@ class _Chunk:
         return int(self.rec_cum[message - 1]) if message else 0
 
 
-def frame_messages(values: list[bytes], offsets: np.ndarray, arrived: float = 0.0) -> _Chunk:
+def frame_messages(
+    values: list[bytes],
+    offsets: np.ndarray,
+    arrived: float = 0.0,
+    timestamps: np.ndarray | None = None,
+) -> _Chunk:
     """Frame message values as records (see the module docstring), vectorised.
 
-    ``values`` are the message values (``b""`` for a null value), ``offsets`` their offsets.
+    ``values`` are the message values (``b""`` for a null value), ``offsets`` their offsets,
+    ``timestamps`` their message timestamps (epoch ms, 0 for none).
     """
     count = len(values)
     lengths = np.fromiter(map(len, values), dtype=np.int64, count=count)
@@ -360,6 +370,7 @@ def frame_messages(values: list[bytes], offsets: np.ndarray, arrived: float = 0.
         rec_msg=rec_msg,
         seqs=seqs,
         arrived=arrived,
+        timestamps=timestamps,
     )
 
 
@@ -375,7 +386,7 @@ class _Piece:
 def assemble_batch(partition: int, pieces: list[_Piece], source: str, next_offset: int) -> RawBatch:
     """One :class:`RawBatch` from consecutive pieces (one copy of their bytes at most)."""
     buffers: list[bytes | memoryview] = []
-    starts, ends, offsets, seqs = [], [], [], []
+    starts, ends, offsets, seqs, stamps = [], [], [], [], []
     base = 0
     for piece in pieces:
         chunk = piece.chunk
@@ -387,6 +398,8 @@ def assemble_batch(partition: int, pieces: list[_Piece], source: str, next_offse
         ends.append(chunk.ends[r0:r1] - b0 + base)
         offsets.append(chunk.offsets[chunk.rec_msg[r0:r1]])
         seqs.append(chunk.seqs[r0:r1])
+        times = chunk.timestamps
+        stamps.append(np.zeros(r1 - r0, np.int64) if times is None else times[chunk.rec_msg[r0:r1]])
         base += b1 - b0
     first = buffers[0]
     buffer = first if len(buffers) == 1 and isinstance(first, bytes) else b"".join(buffers)
@@ -399,6 +412,7 @@ def assemble_batch(partition: int, pieces: list[_Piece], source: str, next_offse
         seqs=np.concatenate(seqs),
         source=source,
         next_offset=next_offset,
+        timestamps=np.concatenate(stamps),
     )
 
 
@@ -872,9 +886,13 @@ class KafkaSource(Source):
             offsets = offsets[fresh]
         raw = list(map(Message.value, messages))
         values = [b"" if v is None else v for v in raw] if None in raw else cast(list[bytes], raw)
+        stamps = np.fromiter(
+            map(_TIMESTAMP_MS, map(Message.timestamp, messages)), np.int64, len(messages)
+        )
+        np.maximum(stamps, 0, out=stamps)  # TIMESTAMP_NOT_AVAILABLE is -1: none
         if part.position is None:
             self._place(partition, part, int(offsets[0]))
-        part.add(frame_messages(values, offsets, now))
+        part.add(frame_messages(values, offsets, now, stamps))
 
     def _place(self, partition: int, part: _Partition, position: int) -> None:
         """Learn a partition's position late (its offset lookup had failed)."""

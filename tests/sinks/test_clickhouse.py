@@ -44,6 +44,7 @@ ORDER_BY = {
     "sessions": "session_id",
     "traffic_1m": "window_start, event_type, `partition`",
     "product_5m": "window_start, product_id, `partition`",
+    "quality_1m": "minute, `partition`",
 }
 
 
@@ -102,6 +103,16 @@ def sample_rows(table: str) -> pa.Table:
         }
     elif table == "sessions":
         columns = _session_columns()
+    elif table == "quality_1m":
+        counts = [f.name for f in schema.QUALITY_1M if f.name not in ("minute", "partition")]
+        columns = {
+            "minute": pa.array([0, T0 - T0 % 60_000, T0 - T0 % 60_000], schema.TS),
+            **{
+                name: pa.array([0, MAX_I64, -17 if name == "lag_ms_max" else 3], pa.int64())
+                for name in counts
+            },
+            "partition": pa.array([0, 0, 5], pa.int32()),
+        }
     elif table == "traffic_1m":
         columns = _traffic_columns(
             starts=[0, T0 - 123, T0 - 123],

@@ -129,6 +129,31 @@ ORDER BY (source, `partition`, `offset`, seq)
 SETTINGS non_replicated_deduplication_window = 10000
 COMMENT 'Invalid records with their raw bytes and the reason';
 
+CREATE TABLE IF NOT EXISTS clickstream.quality_1m
+(
+    `minute` DateTime64(3, 'UTC') COMMENT 'Minute (UTC): an event\'s own ts; a dead letter\'s partition clock where it arrived (1970-01-01 before the partition has one)',
+    `records` Int64 COMMENT 'Records of this minute: events + dead_letters',
+    `dead_letters` Int64 COMMENT 'Invalid records (decoder and event-time guard)',
+    `events` Int64 COMMENT 'Valid events the event-time guard let through: duplicates + late + on_time',
+    `duplicates` Int64 COMMENT 'Events dropped as duplicates',
+    `late` Int64 COMMENT 'Events written to late_events',
+    `on_time` Int64 COMMENT 'Events written to events',
+    `with_page` Int64 COMMENT 'On-time events that carry page',
+    `with_category` Int64 COMMENT 'On-time events that carry category',
+    `with_country` Int64 COMMENT 'On-time events that carry country',
+    `with_device` Int64 COMMENT 'On-time events that carry device',
+    `with_referrer` Int64 COMMENT 'On-time events that carry referrer',
+    `lag_events` Int64 COMMENT 'On-time events whose record has a source timestamp (Kafka)',
+    `lag_ms_sum` Int64 COMMENT 'Sum over those events of source timestamp - ts (ingest lag, ms)',
+    `lag_ms_max` Int64 COMMENT 'Largest ingest lag among those events (0 when lag_events = 0)',
+    `partition` Int32 COMMENT 'Source partition; rows are partial sums that add up (quality_1m_total)'
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMM(minute)
+ORDER BY (minute, `partition`)
+SETTINGS non_replicated_deduplication_window = 10000
+COMMENT 'Data-quality counts per minute, as partial sums per partition; read quality_1m_total';
+
 CREATE TABLE IF NOT EXISTS clickstream.pipeline_jobs
 (
     `job_id` String COMMENT 'Job id: hash of source, sink, database and semantics',
@@ -143,6 +168,8 @@ COMMENT 'The gpu-pipeline job whose output this database holds';
 CREATE OR REPLACE VIEW clickstream.traffic_1m_total AS SELECT window_start, window_end, event_type, sum(events) AS events, sum(users) AS users, sum(revenue) AS revenue, count() AS partitions FROM clickstream.traffic_1m FINAL GROUP BY window_start, window_end, event_type COMMENT 'traffic_1m summed over partitions (latest version of every row)';
 
 CREATE OR REPLACE VIEW clickstream.product_5m_total AS SELECT window_start, window_end, product_id, sum(views) AS views, sum(add_to_carts) AS add_to_carts, sum(purchases) AS purchases, sum(revenue) AS revenue, sum(users) AS users, count() AS partitions FROM clickstream.product_5m FINAL GROUP BY window_start, window_end, product_id COMMENT 'product_5m summed over partitions (latest version of every row)';
+
+CREATE OR REPLACE VIEW clickstream.quality_1m_total AS SELECT minute, n_records AS records, n_dead_letters AS dead_letters, n_events AS events, n_duplicates AS duplicates, n_late AS late, n_on_time AS on_time, if(n_records = 0, NULL, n_dead_letters / n_records) AS dead_letter_rate, if(n_events = 0, NULL, n_duplicates / n_events) AS duplicate_rate, if(n_events = 0, NULL, n_late / n_events) AS late_rate, if(n_on_time = 0, NULL, n_with_page / n_on_time) AS page_completeness, if(n_on_time = 0, NULL, n_with_category / n_on_time) AS category_completeness, if(n_on_time = 0, NULL, n_with_country / n_on_time) AS country_completeness, if(n_on_time = 0, NULL, n_with_device / n_on_time) AS device_completeness, if(n_on_time = 0, NULL, n_with_referrer / n_on_time) AS referrer_completeness, n_lag_events AS lag_events, if(n_lag_events = 0, NULL, n_lag_ms_sum / n_lag_events) AS avg_lag_ms, if(n_lag_events = 0, NULL, n_lag_max) AS max_lag_ms, n_partitions AS partitions FROM (SELECT minute, sum(records) AS n_records, sum(dead_letters) AS n_dead_letters, sum(events) AS n_events, sum(duplicates) AS n_duplicates, sum(late) AS n_late, sum(on_time) AS n_on_time, sum(with_page) AS n_with_page, sum(with_category) AS n_with_category, sum(with_country) AS n_with_country, sum(with_device) AS n_with_device, sum(with_referrer) AS n_with_referrer, sum(lag_events) AS n_lag_events, sum(lag_ms_sum) AS n_lag_ms_sum, maxIf(lag_ms_max, lag_events > 0) AS n_lag_max, uniqExact(`partition`) AS n_partitions FROM clickstream.quality_1m GROUP BY minute) COMMENT 'Data quality per minute over all partitions: validity (dead-letter rate), uniqueness (duplicate rate), completeness of optional fields, freshness (ingest lag)';
 
 CREATE OR REPLACE VIEW clickstream.funnel_daily AS SELECT toDate(ts) AS day, uniqExactIf(user_id, event_type = 'page_view') AS page_view_users, uniqExactIf(user_id, event_type = 'product_view') AS product_view_users, uniqExactIf(user_id, event_type = 'add_to_cart') AS add_to_cart_users, uniqExactIf(user_id, event_type = 'checkout') AS checkout_users, uniqExactIf(user_id, event_type = 'purchase') AS purchase_users, countIf(event_type = 'purchase') AS purchases, sumIf(price * quantity, event_type = 'purchase') AS revenue FROM clickstream.events GROUP BY day COMMENT 'Distinct users reaching each funnel step per UTC day';
 
