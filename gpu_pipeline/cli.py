@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--kafka",
         default=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092"),
-        help="Kafka bootstrap HOST:PORT to probe",
+        help="Kafka to probe: bootstrap HOST:PORT, or a source URL kafka://HOST:PORT/TOPIC"
+        "[?security.protocol=...] (TLS/SASL as for run; the password from the environment), "
+        "which also checks that the topic exists",
     )
     doctor.add_argument("--config", dest="config_file", default=None, help="TOML config file")
     return parser
@@ -271,9 +273,9 @@ def cmd_query(args: argparse.Namespace, console: Console) -> int:
     from gpu_pipeline.sinks.base import open_sink
 
     config = _sink_config(args)
-    sink = open_sink(config.sink, config.database)
+    # reading needs no DDL (and a read-only user may run none)
+    sink = open_sink(config.sink, config.database, create_schema=False)
     try:
-        sink.open()
         start = time.perf_counter()
         table = sink.query(args.sql)
         elapsed = time.perf_counter() - start

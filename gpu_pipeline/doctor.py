@@ -104,13 +104,27 @@ def check_nvrtc() -> Check:
     )
 
 
-def check_kafka(bootstrap: str) -> Check:
+def check_kafka(target: str) -> Check:
+    """``target`` is a bootstrap ``HOST:PORT`` (plaintext) or a ``kafka://`` source URL, whose
+    security properties and environment secrets are used exactly as ``run`` uses them."""
+    bootstrap, topic, properties = target, "", {}
+    if target.startswith("kafka://"):
+        from gpu_pipeline.sources.kafka import client_properties, parse_kafka_url
+
+        bootstrap, topic, url_properties = parse_kafka_url(target, "kafka")
+        properties = client_properties(url_properties, "kafka")
+
     def probe() -> str:
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 3000})
+        admin = AdminClient(
+            {**properties, "bootstrap.servers": bootstrap, "socket.timeout.ms": 3000}
+        )
         metadata = admin.list_topics(timeout=3)
-        return f"{bootstrap}: {len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s)"
+        found = f"{bootstrap}: {len(metadata.brokers)} broker(s), {len(metadata.topics)} topic(s)"
+        if topic and topic not in metadata.topics:
+            raise RuntimeError(f"{found}, but no topic {topic!r}")
+        return found + (f", topic {topic!r} present" if topic else "")
 
     ok, detail = _timed(probe)
     return Check(
@@ -126,7 +140,7 @@ def check_clickhouse(sink_url: str, database: str) -> Check:
     def probe() -> str:
         from gpu_pipeline.sinks.base import open_sink
 
-        sink = open_sink(sink_url, database)
+        sink = open_sink(sink_url, database, create_schema=False)
         try:
             version = sink.query("SELECT version() AS v")["v"][0].as_py()
             return f"{sink.describe()}: ClickHouse {version}"

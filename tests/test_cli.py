@@ -78,6 +78,16 @@ def test_generate_then_run_file_matches_reference(tmp_path: Path) -> None:
     assert_tables_equal(read_tables(sink), expected.tables)
 
 
+def test_query_only_reads_it_creates_no_schema(tmp_path: Path) -> None:
+    """``query`` runs no DDL (a read-only user could not): a fresh store stays empty."""
+    sink = f"chdb://{tmp_path / 'ch'}"
+    shown = cli("query", "--sink", sink, "--format", "csv", "SELECT name FROM system.databases")
+    assert shown.returncode == 0, shown.stderr
+    assert '"clickstream"' not in shown.stdout.splitlines()
+    again = cli("query", "--sink", sink, "--format", "csv", "SELECT name FROM system.databases")
+    assert '"clickstream"' not in again.stdout.splitlines(), again.stdout
+
+
 def test_query_formats(tmp_path: Path) -> None:
     sink = f"chdb://{tmp_path / 'ch'}"
     run = run_job("synthetic", tmp_path, "--events", "3000")

@@ -396,3 +396,33 @@ def test_sources_and_sinks_raise_their_own_errors_in_process(
     with pytest.raises(ConfigError) as info:
         produce_synthetic(url, 5, 1)
     assert info.value.option == "out"
+
+
+# ---------------------------------------------------------------------------- doctor
+
+
+def test_doctor_probes_a_secured_broker_through_a_source_url(
+    broker: SecureBroker, filled_topic: str, tmp_path: Path
+) -> None:
+    """``doctor --kafka kafka://…?security.protocol=SASL_SSL…`` connects as ``run`` would
+    (password from the environment) and checks the topic; a wrong password shows as a
+    failed Kafka check, without the password."""
+    sink = f"chdb://{tmp_path / 'ch'}"
+    url = sasl_url(broker, filled_topic)
+    code, output, _ = cli(
+        ["doctor", "--sink", sink, "--kafka", url],
+        clean_env(GPU_PIPELINE_KAFKA_PASSWORD=alice(broker)),
+    )
+    assert f"topic {filled_topic!r} present" in output, output
+    missing = sasl_url(broker, unique("absent"))
+    code, output, _ = cli(
+        ["doctor", "--sink", sink, "--kafka", missing],
+        clean_env(GPU_PIPELINE_KAFKA_PASSWORD=alice(broker)),
+    )
+    assert "but no topic" in output, output
+    wrong = f"wrong-{uuid.uuid4().hex[:8]}"
+    code, output, _ = cli(
+        ["doctor", "--sink", sink, "--kafka", url], clean_env(GPU_PIPELINE_KAFKA_PASSWORD=wrong)
+    )
+    assert "present" not in output and wrong not in output, output
+    assert "Traceback" not in output, output

@@ -26,7 +26,7 @@ class RecordingSink(Sink):
     def __init__(self) -> None:
         self.writes: list[tuple[str, int, str]] = []
 
-    def open(self) -> None:
+    def open(self, *, create_schema: bool = True) -> None:
         pass
 
     def write(self, table: str, rows: pa.Table, token: str) -> None:

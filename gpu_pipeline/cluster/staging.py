@@ -50,7 +50,7 @@ class StagedSink(Sink):
         self.target = target
         self._abandoned = threading.Event()
 
-    def open(self) -> None:
+    def open(self, *, create_schema: bool = True) -> None:
         pass
 
     def abandon(self) -> None:

@@ -26,8 +26,11 @@ class Sink(ABC):
     """
 
     @abstractmethod
-    def open(self) -> None:
-        """Connect and create the database, tables and views; calling it again is a no-op."""
+    def open(self, *, create_schema: bool = True) -> None:
+        """Connect and create the database, tables and views; calling it again is a no-op.
+
+        ``create_schema=False`` only connects: a read-only user (dashboards, ``query``) may
+        not run DDL."""
 
     @abstractmethod
     def write(self, table: str, rows: pa.Table, token: str) -> None:
@@ -62,8 +65,8 @@ class Sink(ABC):
         self.close()
 
 
-def open_sink(url: str, database: str = DEFAULT_DATABASE) -> Sink:
-    """Parse a sink URL, connect, and create the schema.
+def open_sink(url: str, database: str = DEFAULT_DATABASE, *, create_schema: bool = True) -> Sink:
+    """Parse a sink URL, connect, and create the schema (unless not ``create_schema``).
 
     ``chdb://PATH`` is embedded ClickHouse in the folder PATH (relative paths are allowed);
     ``http(s)://USER:PASS@HOST:PORT`` is a ClickHouse server.  A malformed URL raises
@@ -73,5 +76,5 @@ def open_sink(url: str, database: str = DEFAULT_DATABASE) -> Sink:
     from gpu_pipeline.sinks.clickhouse import ClickHouseSink, parse_sink_url
 
     sink = ClickHouseSink(parse_sink_url(url, database))
-    sink.open()
+    sink.open(create_schema=create_schema)
     return sink

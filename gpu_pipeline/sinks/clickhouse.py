@@ -402,13 +402,15 @@ class ClickHouseSink(Sink):
 
     # ---- Sink -------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Connect and create database, tables and views (idempotent)."""
+    def open(self, *, create_schema: bool = True) -> None:
+        """Connect and create database, tables and views (idempotent); only connect when
+        not ``create_schema`` (a read-only user cannot run DDL)."""
         if self._client is not None:
             return
         client = self._connect()
         try:
-            for statement in ddl.schema_statements(self.config.database):
+            statements = ddl.schema_statements(self.config.database) if create_schema else []
+            for statement in statements:
                 self._retry(partial(client.command, statement), "creating the schema")
             self._loader = self._make_loader(client)
         except BaseException:
