@@ -21,6 +21,10 @@ _RUN_HELP = {
     "sink": "chdb://PATH (embedded ClickHouse, default chdb://gpu_pipeline_data/clickhouse) or http(s)://USER:PASS@HOST:PORT",
     "database": "ClickHouse database (default clickstream)",
     "engine": "auto (GPU when usable), cpu or gpu",
+    "decoder": (
+        "native (kernels/decode.cu decides the ordinary records, the exact decoder the rest; "
+        "default) or arrow (pyarrow's JSON reader and the exact rules for every record)"
+    ),
     "batch_size": "records per micro-batch (default 100000)",
     "events": "synthetic source: number of records (default 1000000)",
     "seed": "synthetic source: random seed (default 42)",

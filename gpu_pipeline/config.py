@@ -191,6 +191,7 @@ class RunConfig:
     sink: str = f"chdb://{DEFAULT_DATA_DIR}/clickhouse"
     database: str = "clickstream"
     engine: str = "auto"
+    decoder: str = "native"
     batch_size: int = 100_000
     events: int = 1_000_000
     seed: int = 42
@@ -233,6 +234,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "sink": _sink,
     "database": _identifier,
     "engine": _choice(("auto", "cpu", "gpu")),
+    "decoder": _choice(("native", "arrow")),
     "batch_size": positive_int,
     "events": non_negative_int,
     "seed": non_negative_int,

@@ -409,19 +409,19 @@ def test_doctor_probes_a_secured_broker_through_a_source_url(
     failed Kafka check, without the password."""
     sink = f"chdb://{tmp_path / 'ch'}"
     url = sasl_url(broker, filled_topic)
-    code, output, _ = cli(
+    _, output, _ = cli(
         ["doctor", "--sink", sink, "--kafka", url],
         clean_env(GPU_PIPELINE_KAFKA_PASSWORD=alice(broker)),
     )
     assert f"topic {filled_topic!r} present" in output, output
     missing = sasl_url(broker, unique("absent"))
-    code, output, _ = cli(
+    _, output, _ = cli(
         ["doctor", "--sink", sink, "--kafka", missing],
         clean_env(GPU_PIPELINE_KAFKA_PASSWORD=alice(broker)),
     )
     assert "but no topic" in output, output
     wrong = f"wrong-{uuid.uuid4().hex[:8]}"
-    code, output, _ = cli(
+    _, output, _ = cli(
         ["doctor", "--sink", sink, "--kafka", url], clean_env(GPU_PIPELINE_KAFKA_PASSWORD=wrong)
     )
     assert "present" not in output and wrong not in output, output
