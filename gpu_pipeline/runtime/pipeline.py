@@ -11,16 +11,26 @@ Exactly-once (SPEC §2.7) rests on four facts:
    at ``to`` again with the same rows and tokens, which ClickHouse drops as duplicates;
 4. only the checkpoint commits, in one order: sink writes -> state snapshot -> positions
    (and, for Kafka, the consumer offsets after that).
+
+A checkpoint is *cut* on the main thread (rows taken from the outbox, state serialised,
+bookkeeping moved on) and *written* by one background thread, in that order; for files and
+the synthetic source the main thread goes on with the next batches meanwhile.  The next
+checkpoint is written only after the previous one is durable, so checkpoints stay strictly
+sequential and each keeps the order above.  A Kafka job waits for each checkpoint: its
+offsets are committed right after it, on the thread that polls the consumer, and a
+streaming job may have no next batch to commit them at.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
@@ -50,12 +60,32 @@ from gpu_pipeline.runtime.prefetch import prefetch
 from gpu_pipeline.sinks.base import Sink, open_sink
 from gpu_pipeline.sinks.jobs import record_job, recorded_jobs, row_counts
 from gpu_pipeline.sources.base import RawBatch, Source
-from gpu_pipeline.state.checkpoint import CheckpointStore, PartitionCheckpoint
+from gpu_pipeline.state.checkpoint import CheckpointStore, PartitionCheckpoint, PreparedCheckpoint
 from gpu_pipeline.state.store import open_state_store
 
-CHECKPOINT_ROWS = 1_000_000
+CHECKPOINT_ROWS = 250_000
 """Output rows waiting in the outbox that make a checkpoint due (bounds memory, and for files
 and the synthetic source it is the only trigger besides the end, see _checkpoint_due)."""
+
+
+@dataclass
+class _PartitionWrite:
+    """One partition's share of a cut checkpoint."""
+
+    partition: int
+    position: int
+    flushed: bool
+    token_base: str
+    tables: dict[str, pa.Table]
+    state: PreparedCheckpoint
+
+
+@dataclass
+class _CutCheckpoint:
+    """A checkpoint cut on the main thread, written by the checkpoint writer."""
+
+    writes: list[_PartitionWrite] = field(default_factory=list)
+    started: float = 0.0
 
 
 @dataclass
@@ -158,6 +188,8 @@ class Pipeline:
         self._partition_counters: dict[int, dict[str, int]] = {}
         self._latency_ms: dict[int, float] = {}
         self._stop = threading.Event()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._inflight: tuple[_CutCheckpoint, Future[None]] | None = None
         self.figures: Any = None
         self.metrics_server: Any = None
         if config.metrics_port:
@@ -261,6 +293,7 @@ class Pipeline:
             with ProgressDisplay(progress or self.config.progress, total) as display:
                 for raw, decoded in self._decoded_batches(source):
                     self._process_batch(raw, decoded)
+                    self._collect_written(wait=False)
                     display.update(self.metrics, self._detail() if display.enabled else "")
                     if self._stop.is_set():
                         break
@@ -272,7 +305,7 @@ class Pipeline:
                 flushed_now = [] if stopped else sorted(self.processors)
                 if not stopped:
                     self._flush_all()
-                self.checkpoint()
+                self.checkpoint(wait=True)
                 if not stopped and self._boundary:
                     raise CheckpointError(
                         f"partitions {sorted(self._boundary)} ended before the position their "
@@ -293,6 +326,7 @@ class Pipeline:
                             self.store.mark_partition_done(partition)
                 display.update(self.metrics, self._detail() if display.enabled else "")
         finally:
+            self._abandon_inflight()
             source.close()
             if self.dead_letter_queue is not None:
                 self.dead_letter_queue.close()
@@ -487,7 +521,7 @@ class Pipeline:
 
     def _on_revoke(self, partitions: list[int]) -> None:
         """Kafka rebalance: checkpoint the partitions that leave, then forget them."""
-        self.checkpoint(partitions)
+        self.checkpoint(partitions, wait=True)
         for partition in partitions:
             self.processors.pop(partition, None)
             self.positions.pop(partition, None)
@@ -583,27 +617,19 @@ class Pipeline:
             "window_rows": sum(_rows(output, spec.table) for spec in self.semantics.windows),
         }
 
-    def _write_pending(self, partition: int, sequence: int) -> None:
-        """Insert the partition's waiting rows: one block per table, named by the checkpoint.
+    def _cut_rows(self, partition: int, sequence: int) -> tuple[str, dict[str, pa.Table]]:
+        """The partition's waiting rows, one block per table, and the name of the write.
 
-        The token is ``job:partition:c<sequence>:<from>-<to>:table``; ``from`` is where the
-        previous checkpoint ended (``start`` before the first), ``to`` this one's position.
-        The intent is durable first, so a replay after a crash anywhere from here to the
-        state snapshot cuts at ``to`` again and sends the same blocks under the same tokens.
+        The token of each block is ``job:partition:c<sequence>:<from>-<to>:table``; ``from``
+        is where the previous checkpoint ended (``start`` before the first), ``to`` this
+        one's position.  The writer records the intent ``to`` durably before inserting, so
+        a replay after a crash anywhere from there to the state snapshot cuts at ``to``
+        again and sends the same blocks under the same tokens.
         """
         pending = self.outbox.take(partition)
-        if not pending:
-            return
-        position = self.positions[partition]
-        self.store.write_intent(partition, position, partition in self._flushed)
         since = self._since.get(partition, "start")
-        base = f"{self.job_id}:{partition}:c{sequence}:{since}-{position}"
-        for table in sorted(pending):
-            self.sink.write(table, pending[table], f"{base}:{table}")
-            if self.figures is not None:
-                written = self.figures.rows_written
-                written[table] = written.get(table, 0) + pending[table].num_rows
-        crash_point("after_sink_write")
+        base = f"{self.job_id}:{partition}:c{sequence}:{since}-{self.positions[partition]}"
+        return base, pending
 
     def _count(self, partition: int, counts: dict[str, int]) -> None:
         self.metrics.add(**counts)
@@ -611,22 +637,28 @@ class Pipeline:
         for key, value in counts.items():
             mine[key] = mine.get(key, 0) + value
 
-    def checkpoint(self, partitions: list[int] | None = None) -> None:
-        """Checkpoint (see :meth:`_checkpoint`), timed for the metrics."""
-        started = time.perf_counter()
-        self._checkpoint(partitions)
-        if self.metrics_server is not None:
-            self.metrics_server.checkpoint_duration.observe(time.perf_counter() - started)
+    def checkpoint(self, partitions: list[int] | None = None, *, wait: bool = False) -> None:
+        """Cut a checkpoint of ``partitions`` (default: all) and have it written.
 
-    def _checkpoint(self, partitions: list[int] | None = None) -> None:
-        """Write the waiting rows of ``partitions`` (default: all), make their state durable,
-        then commit their offsets: sink -> state -> offsets.
+        The previous checkpoint is made durable first (and its offsets committed); this one
+        is written in the background unless ``wait`` (or a Kafka source: see the module
+        docstring), which returns once it is durable.
+        """
+        self._collect_written(wait=True)
+        cut = self._cut(partitions)
+        if cut.writes:
+            self._inflight = (cut, self._writer.submit(self._write, cut))
+        if wait or self.config.source.startswith("kafka://"):
+            self._collect_written(wait=True)
+
+    def _cut(self, partitions: list[int] | None) -> _CutCheckpoint:
+        """Take the rows and serialise the state of every partition due a checkpoint.
 
         A partition replaying after a crash is checkpointed only at the position its
         interrupted checkpoint covered (:meth:`_run_batch` does it when it gets there).
         """
+        cut = _CutCheckpoint(started=time.perf_counter())
         chosen = sorted(self.processors) if partitions is None else partitions
-        done: list[int] = []
         for partition in chosen:
             processor = self.processors.get(partition)
             if processor is None or partition not in self.positions:
@@ -640,8 +672,8 @@ class Pipeline:
             ):
                 continue
             sequence = self._checkpointed.get(partition, 0)
-            self._write_pending(partition, sequence + 1)
-            self.store.save(
+            token_base, tables = self._cut_rows(partition, sequence + 1)
+            state = self.store.prepare(
                 partition,
                 PartitionCheckpoint(
                     position=self.positions[partition],
@@ -651,17 +683,63 @@ class Pipeline:
                     sequence=sequence,
                 ),
             )
+            cut.writes.append(
+                _PartitionWrite(
+                    partition,
+                    self.positions[partition],
+                    partition in self._flushed,
+                    token_base,
+                    tables,
+                    state,
+                )
+            )
             self._checkpointed[partition] = sequence + 1
             self._since[partition] = self.positions[partition]
             self._boundary.pop(partition, None)
             self._flushed.discard(partition)
             self._dirty.discard(partition)
-            done.append(partition)
-            if self.journal is not None:
-                self.journal.truncate(partition, self.positions[partition])
+        return cut
+
+    def _write(self, cut: _CutCheckpoint) -> None:
+        """The checkpoint writer: per partition, intent -> rows -> state (sink -> state)."""
+        for write in cut.writes:
+            if write.tables:
+                self.store.write_intent(write.partition, write.position, write.flushed)
+                for table in sorted(write.tables):
+                    rows = write.tables[table]
+                    self.sink.write(table, rows, f"{write.token_base}:{table}")
+                    if self.figures is not None:
+                        written = self.figures.rows_written
+                        written[table] = written.get(table, 0) + rows.num_rows
+                crash_point("after_sink_write")
+            self.store.write_prepared(write.state)
+
+    def _collect_written(self, *, wait: bool) -> None:
+        """Finish the checkpoint in flight once it is durable (``wait``: block until then):
+        truncate the journal and commit its positions; a failed write raises here."""
+        if self._inflight is None:
+            return
+        cut, future = self._inflight
+        if not wait and not future.done():
+            return
+        self._inflight = None
+        future.result()
         crash_point("after_checkpoint")
+        if self.journal is not None:
+            for write in cut.writes:
+                self.journal.truncate(write.partition, write.position)
         if self.source is not None:
-            self.source.commit({p: self.positions[p] for p in done})
+            self.source.commit({w.partition: w.position for w in cut.writes})
+        if self.metrics_server is not None:
+            self.metrics_server.checkpoint_duration.observe(time.perf_counter() - cut.started)
+
+    def _abandon_inflight(self) -> None:
+        """On the way out (normal or not): let a write in flight end, never half-commit."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            # the run is already failing (or done): its own error is the one to raise
+            with contextlib.suppress(Exception):
+                inflight[1].result()
 
     def _detail(self) -> str:
         """The progress line: counters, then per partition lag, watermark and batch latency."""
@@ -694,6 +772,7 @@ class Pipeline:
     def close(self) -> None:
         """Close the sink and stop serving metrics."""
         try:
+            self._writer.shutdown(wait=True)
             self.sink.close()
         finally:
             if self.metrics_server is not None:

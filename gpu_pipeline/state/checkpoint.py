@@ -63,6 +63,15 @@ class PartitionCheckpoint:
     sequence: int = 0
 
 
+@dataclass(frozen=True)
+class PreparedCheckpoint:
+    """A partition checkpoint serialised to the files it is written as."""
+
+    partition: int
+    name: str
+    files: dict[str, bytes]
+
+
 class CheckpointStore:
     """Reads and writes the checkpoints of one job at one location."""
 
@@ -155,7 +164,11 @@ class CheckpointStore:
 
     def save(self, partition: int, checkpoint: PartitionCheckpoint) -> None:
         """Write ``checkpoint`` durably, then make it the partition's current one."""
-        self.describe_job()
+        self.write_prepared(self.prepare(partition, checkpoint))
+
+    def prepare(self, partition: int, checkpoint: PartitionCheckpoint) -> PreparedCheckpoint:
+        """``checkpoint`` serialised now (its state may change afterwards), for
+        :meth:`write_prepared`, possibly on another thread."""
         checkpoint.sequence += 1
         name = f"ckpt-{checkpoint.sequence:09d}"
         manifest = {
@@ -169,8 +182,13 @@ class CheckpointStore:
         }
         files = {f"{op}.arrow": _table_bytes(table) for op, table in checkpoint.state.items()}
         files["manifest.json"] = json.dumps(manifest, indent=1).encode()
-        folder = f"p{partition}"
-        self.files.write_folder(f"{folder}/{name}", files)
+        return PreparedCheckpoint(partition, name, files)
+
+    def write_prepared(self, prepared: PreparedCheckpoint) -> None:
+        """Write a prepared checkpoint durably, then make it the partition's current one."""
+        self.describe_job()
+        folder, name = f"p{prepared.partition}", prepared.name
+        self.files.write_folder(f"{folder}/{name}", prepared.files)
         self.files.write(f"{folder}/{CURRENT}", name.encode())
         for entry in self.files.names(folder):
             if entry.startswith(("ckpt-", ".ckpt-")) and entry != name:
