@@ -106,7 +106,7 @@ class MetricsServer:
         )
         self.checkpoint_duration = Histogram(
             "gpu_pipeline_checkpoint_duration_seconds",
-            "time to write a checkpoint: inserts, state snapshot, offset commit",
+            "time a checkpoint takes: cutting it (rows, state), then writing it (inserts, state)",
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
