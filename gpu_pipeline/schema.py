@@ -134,28 +134,27 @@ PRODUCT_5M = pa.schema(
     ]
 )
 
+QUALITY_FIELDS: tuple[str, ...] = ("page", "category", "country", "device", "referrer")
+"""Optional event fields whose presence ``quality_1m`` counts (completeness)."""
+QUALITY_SUMS: tuple[str, ...] = (
+    "records",
+    "dead_letters",
+    "events",
+    "duplicates",
+    "late",
+    "on_time",
+    *(f"with_{name}" for name in QUALITY_FIELDS),
+    "lag_events",
+    "lag_ms_sum",
+)
+"""Columns of ``quality_1m`` that add up across rows of one minute and partition
+(``lag_ms_max`` is a maximum)."""
+
 QUALITY_1M = pa.schema(
     [
         pa.field("minute", TS, nullable=False),
-        *(
-            pa.field(name, pa.int64(), nullable=False)
-            for name in (
-                "records",
-                "dead_letters",
-                "events",
-                "duplicates",
-                "late",
-                "on_time",
-                "with_page",
-                "with_category",
-                "with_country",
-                "with_device",
-                "with_referrer",
-                "lag_events",
-                "lag_ms_sum",
-                "lag_ms_max",
-            )
-        ),
+        *(pa.field(name, pa.int64(), nullable=False) for name in QUALITY_SUMS),
+        pa.field("lag_ms_max", pa.int64(), nullable=False),
         pa.field("partition", pa.int32(), nullable=False),
     ]
 )

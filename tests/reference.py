@@ -36,11 +36,9 @@ Record = tuple[int, int, bytes] | tuple[int, int, bytes, int]
 """One raw record of a partition: (offset, seq, raw bytes[, source timestamp in epoch ms]);
 the timestamp (Kafka's message time) only feeds the ingest lag of ``quality_1m``."""
 
-QUALITY_COUNTS: tuple[str, ...] = tuple(
-    f.name for f in schema.QUALITY_1M if f.name not in ("minute", "partition", "lag_ms_max")
-)
+QUALITY_COUNTS = schema.QUALITY_SUMS
 """The columns of ``quality_1m`` that add up; ``lag_ms_max`` is a maximum."""
-QUALITY_FIELDS: tuple[str, ...] = ("page", "category", "country", "device", "referrer")
+QUALITY_FIELDS = schema.QUALITY_FIELDS
 """Optional fields whose presence ``quality_1m`` counts (completeness)."""
 
 MAX_TS_MS = 10_413_791_999_999

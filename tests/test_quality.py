@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpu_pipeline import schema
 from gpu_pipeline.backend.base import Backend
 from gpu_pipeline.semantics import Semantics
 from gpu_pipeline.sources.synthetic import generate_ndjson_chunks
@@ -148,7 +149,7 @@ def test_quality_totals_equal_counts_made_from_the_input_and_the_tables(tmp_path
         )
         return {_epoch_ms(r["m"]): r for r in _sql_rows(job, sql)}
 
-    fields = ("page", "category", "country", "device", "referrer")
+    fields = schema.QUALITY_FIELDS
     presence = "".join(f", countIf({f} IS NOT NULL) AS with_{f}" for f in fields)
     on_time = per_minute("events", presence)
     late = per_minute("late_events")

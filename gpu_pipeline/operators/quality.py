@@ -22,7 +22,7 @@ them up, so the figures do not depend on batch sizes, checkpoints or worker coun
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -32,20 +32,9 @@ from gpu_pipeline.operators.watermark import NEG_INF
 
 MINUTE_MS = 60_000
 
-OPTIONAL_FIELDS: tuple[str, ...] = ("page", "category", "country", "device", "referrer")
+OPTIONAL_FIELDS = schema.QUALITY_FIELDS
 """Optional event fields whose presence is counted (completeness)."""
-
-COUNT_COLUMNS: tuple[str, ...] = (
-    "records",
-    "dead_letters",
-    "events",
-    "duplicates",
-    "late",
-    "on_time",
-    *(f"with_{name}" for name in OPTIONAL_FIELDS),
-    "lag_events",
-    "lag_ms_sum",
-)
+COUNT_COLUMNS = schema.QUALITY_SUMS
 """Columns that add up across rows of the same minute and partition."""
 
 
@@ -65,28 +54,23 @@ class EventQuality:
     """The source's record time per event in epoch ms, 0 when the source has none."""
 
 
-@dataclass
-class _Pending:
-    events: list[EventQuality] = field(default_factory=list)
-
-
 class QualityCounter:
     """Counts one partition's records per minute; only the quality clock is state."""
 
     def __init__(self, partition: int) -> None:
         self.partition = partition
         self.clock = NEG_INF
-        self._pending = _Pending()
+        self._pending: list[EventQuality] = []
 
     def add_events(self, batch: EventQuality) -> None:
         """Remember accepted events until :meth:`rows` (several calls may make one output)."""
         if batch.ts.shape[0]:
-            self._pending.events.append(batch)
+            self._pending.append(batch)
 
     def rows(self, dead: pa.Table | None) -> pa.Table | None:
         """The quality rows of everything added since the last call plus the dead letters
         ``dead`` (positioned rows of ``schema.DEAD_LETTERS``); advances the clock."""
-        pending, self._pending = self._pending, _Pending()
+        pending, self._pending = self._pending, []
         minutes: list[np.ndarray] = []
         columns: dict[str, list[np.ndarray]] = {name: [] for name in COUNT_COLUMNS}
         lag_max: list[np.ndarray] = []
@@ -99,7 +83,7 @@ class QualityCounter:
                 columns[name].append(np.zeros(n, np.int64) if column is None else column)
             lag_max.append(values.get("lag_ms_max", np.full(n, NEG_INF, np.int64)))
 
-        for batch in pending.events:
+        for batch in pending:
             on_time = ~batch.duplicate & ~batch.late
             one = np.ones(batch.ts.shape[0], np.int64)
             known = on_time & (batch.source_ts > 0)
@@ -120,11 +104,11 @@ class QualityCounter:
                 lag_ms_max=np.where(known, lag, NEG_INF),
             )
         if dead is not None and dead.num_rows:
-            clock = self._clock_at(pending.events, dead)
+            clock = self._clock_at(pending, dead)
             minute = np.where(clock == NEG_INF, 0, np.floor_divide(clock, MINUTE_MS) * MINUTE_MS)
             one = np.ones(dead.num_rows, np.int64)
             add(minute, records=one, dead_letters=one)
-        for batch in pending.events:
+        for batch in pending:
             trusted = batch.ts[~batch.suspect]
             if trusted.shape[0]:
                 self.clock = max(self.clock, int(trusted.max()))
@@ -163,7 +147,7 @@ class QualityCounter:
         """Rebuild from :meth:`snapshot` (``None``: a checkpoint taken before quality counts,
         whose clock starts over; only the minute of later dead letters can differ)."""
         self.clock = NEG_INF if table is None else int(table["clock"][0].as_py())
-        self._pending = _Pending()
+        self._pending = []
 
 
 def _aggregate(

@@ -114,10 +114,7 @@ COLUMN_COMMENTS: dict[str, dict[str, str]] = {
         "duplicates": "Events dropped as duplicates",
         "late": "Events written to late_events",
         "on_time": "Events written to events",
-        **{
-            f"with_{name}": f"On-time events that carry {name}"
-            for name in ("page", "category", "country", "device", "referrer")
-        },
+        **{f"with_{name}": f"On-time events that carry {name}" for name in schema.QUALITY_FIELDS},
         "lag_events": "On-time events whose record has a source timestamp (Kafka)",
         "lag_ms_sum": "Sum over those events of source timestamp - ts (ingest lag, ms)",
         "lag_ms_max": "Largest ingest lag among those events (0 when lag_events = 0)",
@@ -252,27 +249,10 @@ def _views(db: str) -> tuple[ViewSpec, ...]:
     )
 
 
-_QUALITY_SUMS = (
-    "records",
-    "dead_letters",
-    "events",
-    "duplicates",
-    "late",
-    "on_time",
-    "with_page",
-    "with_category",
-    "with_country",
-    "with_device",
-    "with_referrer",
-    "lag_events",
-    "lag_ms_sum",
-)
-
-
 def _quality_total(db: str) -> str:
     """quality_1m_total: the partial sums added up per minute, then the rates (an inner
     query, so that the sums' names do not shadow the columns they sum)."""
-    sums = ", ".join(f"sum({c}) AS n_{c}" for c in _QUALITY_SUMS)
+    sums = ", ".join(f"sum({c}) AS n_{c}" for c in schema.QUALITY_SUMS)
     inner = (
         f"SELECT minute, {sums}, maxIf(lag_ms_max, lag_events > 0) AS n_lag_max, "
         f"uniqExact(`partition`) AS n_partitions FROM {db}.quality_1m GROUP BY minute"
@@ -283,7 +263,7 @@ def _quality_total(db: str) -> str:
 
     completeness = ", ".join(
         f"{rate(f'with_{name}', 'on_time')} AS {name}_completeness"
-        for name in ("page", "category", "country", "device", "referrer")
+        for name in schema.QUALITY_FIELDS
     )
     return (
         "SELECT minute, n_records AS records, n_dead_letters AS dead_letters, "
