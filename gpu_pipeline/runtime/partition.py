@@ -212,18 +212,18 @@ class PartitionProcessor:
         finite = w != NEG_INF
         late = ~duplicate & finite & (ts < xp.where(finite, w, 0) - lateness)
         on_time = ~duplicate & ~late
-        late_rows = self.backend.to_host(xp.flatnonzero(late))
-        on_rows = self.backend.to_host(xp.flatnonzero(on_time))
+        to_host = self.backend.to_host
+        w_host, duplicate_host, late_host = to_host(w), to_host(duplicate), to_host(late)
+        late_rows = np.flatnonzero(late_host)
+        on_rows = to_host(xp.flatnonzero(on_time))
         counts = output.counts
         counts.events += events.num_rows
-        counts.duplicates += int(self.backend.to_host(duplicate).sum())
+        counts.duplicates += int(duplicate_host.sum())
         counts.late += int(late_rows.shape[0])
         counts.on_time += int(on_rows.shape[0])
-        self._count_quality(events, ts_host, source_ts, w, duplicate, late)
+        self._count_quality(events, ts_host, source_ts, w_host, duplicate_host, late_host)
         if late_rows.shape[0]:
-            _append(
-                output, "late_events", self._late_rows(events, late_rows, self.backend.to_host(w))
-            )
+            _append(output, "late_events", self._late_rows(events, late_rows, w_host))
         if not on_rows.shape[0]:
             return
         on_events = events.take(pa.array(on_rows))
@@ -257,13 +257,11 @@ class PartitionProcessor:
         events: pa.Table,
         ts: np.ndarray,
         source_ts: np.ndarray,
-        w: Any,
-        duplicate: Any,
-        late: Any,
+        w_host: np.ndarray,
+        duplicate: np.ndarray,
+        late: np.ndarray,
     ) -> None:
-        """Hand the accepted events to the quality counts (host arrays)."""
-        to_host = self.backend.to_host
-        w_host = to_host(w)
+        """Hand the accepted events (host arrays) to the quality counts."""
         bound = self.semantics.max_future_skew_ms
         if bound > 0:
             finite = w_host != NEG_INF
@@ -277,8 +275,8 @@ class PartitionProcessor:
                 offsets=_int64(events["offset"]),
                 seqs=_int64(events["seq"]),
                 suspect=suspect,
-                duplicate=np.asarray(to_host(duplicate), dtype=bool),
-                late=np.asarray(to_host(late), dtype=bool),
+                duplicate=np.asarray(duplicate, dtype=bool),
+                late=np.asarray(late, dtype=bool),
                 present={
                     name: np.asarray(
                         events[name].is_valid().to_numpy(zero_copy_only=False), dtype=bool
