@@ -30,6 +30,21 @@ HAS_PRODUCT, HAS_PRICE = 1, 2
 TEXT_FIELDS = ("event_id", "page", "category", "country", "referrer")
 """The string fields in the order of the kernel's spans."""
 _EVENT_TYPES = pa.array(schema.EVENT_TYPES, pa.string())
+
+
+def kernel_outputs(xp: Any, n: int) -> dict[str, Any]:
+    """The output arrays of ``decode_records`` for ``n`` records, in its argument order, in
+    the array module ``xp`` (numpy or CuPy); only ``ok`` needs a start value."""
+    return {
+        "ok": xp.zeros(n, dtype=xp.uint8),
+        "nums": xp.empty(4 * n, dtype=xp.int64),
+        "price": xp.empty(n, dtype=xp.float64),
+        "spans": xp.empty(10 * n, dtype=xp.int64),
+        "codes": xp.empty(2 * n, dtype=xp.int8),
+        "has": xp.empty(n, dtype=xp.uint8),
+    }
+
+
 _DEVICES = pa.array(schema.DEVICES, pa.string())
 _FIELDS = {f.name: f for f in schema.DECODED_EVENTS}
 
@@ -57,18 +72,17 @@ class NativeJsonDecoder(Decoder):
         buf = np.frombuffer(raw.buffer, dtype=np.uint8)
         starts = np.ascontiguousarray(raw.starts, dtype=np.int64)
         ends = np.ascontiguousarray(raw.ends, dtype=np.int64)
-        ok = np.zeros(n, np.uint8)
-        nums = np.empty(4 * n, np.int64)
-        price = np.empty(n, np.float64)
-        spans = np.empty(10 * n, np.int64)
-        codes = np.empty(2 * n, np.int8)
-        has = np.empty(n, np.uint8)
-        self._kernels.decode_records(n, buf, starts, ends, ok, nums, price, spans, codes, has)
-        accepted = np.flatnonzero(ok)
-        events = self._columns(raw, buf, accepted, nums, price, spans, codes, has)
-        undecided = np.flatnonzero(ok == 0)
+        out = kernel_outputs(np, n)
+        self._kernels.decode_records(n, buf, starts, ends, *out.values())
+        accepted = np.flatnonzero(out["ok"])
+        events = self._columns(
+            raw, buf, accepted, out["nums"], out["price"], out["spans"], out["codes"], out["has"]
+        )
+        undecided = np.flatnonzero(out["ok"] == 0)
         if not undecided.shape[0]:
-            return DecodeResult(events=events, dead=_no_dead(), record_index=accepted)
+            return DecodeResult(
+                events=events, dead=schema.DEAD_LETTERS.empty_table(), record_index=accepted
+            )
         exact = self._exact.decode(_sub_batch(raw, undecided))
         if not exact.events.num_rows:  # the usual case: what is left are dead letters
             return DecodeResult(events=events, dead=exact.dead, record_index=accepted)
@@ -167,7 +181,3 @@ def _sub_batch(raw: RawBatch, rows: np.ndarray) -> RawBatch:
         source=raw.source,
         next_offset=raw.next_offset,
     )
-
-
-def _no_dead() -> pa.Table:
-    return schema.DEAD_LETTERS.empty_table()

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpu_pipeline.decode.json import ArrowJsonDecoder
-from gpu_pipeline.decode.native import NativeJsonDecoder
+from gpu_pipeline.decode.native import NativeJsonDecoder, kernel_outputs
 from gpu_pipeline.decode.validate import Rejected, validate_record
 from gpu_pipeline.sources.base import RawBatch
 from tests.decode.test_bad_input import ADVERSARIAL, records
@@ -176,12 +176,11 @@ def test_a_generated_stream_is_decided_by_the_kernel(cpu_backend: object) -> Non
     assert_matches_validator(raw, result)
     assert_same_as_arrow(raw)
     n = len(raw)
-    ok = np.zeros(n, np.uint8)
-    outputs = (np.empty(4 * n, np.int64), np.empty(n), np.empty(10 * n, np.int64))
+    out = kernel_outputs(np, n)
     NATIVE._kernels.decode_records(
-        n, np.frombuffer(raw.buffer, np.uint8), raw.starts, raw.ends, ok, *outputs,
-        np.empty(2 * n, np.int8), np.empty(n, np.uint8),
-    )  # fmt: skip
+        n, np.frombuffer(raw.buffer, np.uint8), raw.starts, raw.ends, *out.values()
+    )
+    ok = out["ok"]
     valid = [not isinstance(validate_record(raw.record(i)), Rejected) for i in range(n)]
     assert int(ok.sum()) == sum(valid)
     assert not np.any(ok.astype(bool) & ~np.array(valid))

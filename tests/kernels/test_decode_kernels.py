@@ -11,6 +11,7 @@ import numpy as np
 
 from gpu_pipeline import schema
 from gpu_pipeline.backend.base import Backend
+from gpu_pipeline.decode.native import kernel_outputs
 from gpu_pipeline.decode.validate import Rejected, validate_record
 from gpu_pipeline.sources.base import RawBatch
 from gpu_pipeline.sources.synthetic import generate_ndjson_chunks
@@ -30,18 +31,10 @@ SAMPLES = [
 
 
 def run_kernel(backend: Backend, raw: RawBatch) -> dict[str, np.ndarray]:
-    xp, n = backend.xp, len(raw)
-    out = {
-        "ok": xp.zeros(n, dtype=xp.uint8),
-        "nums": xp.zeros(4 * n, dtype=xp.int64),
-        "price": xp.zeros(n, dtype=xp.float64),
-        "spans": xp.zeros(10 * n, dtype=xp.int64),
-        "codes": xp.zeros(2 * n, dtype=xp.int8),
-        "has": xp.zeros(n, dtype=xp.uint8),
-    }
+    out = kernel_outputs(backend.xp, len(raw))
     buf = backend.asarray(np.frombuffer(raw.buffer, dtype=np.uint8))
     backend.kernels.decode_records(
-        n, buf, backend.asarray(raw.starts), backend.asarray(raw.ends), *out.values()
+        len(raw), buf, backend.asarray(raw.starts), backend.asarray(raw.ends), *out.values()
     )
     return {name: backend.to_host(array) for name, array in out.items()}
 
