@@ -258,6 +258,7 @@ def run_argv(config: dict[str, Any], source: str, folder: Path) -> list[str]:
 
 def run_child(argv: list[str], folder: Path) -> dict[str, Any]:
     """One run as a child process: its figures, with the wall time and the tree's peak RSS."""
+    import machine  # beside this script
     import psutil
 
     folder.mkdir(parents=True)
@@ -280,7 +281,7 @@ def run_child(argv: list[str], folder: Path) -> dict[str, Any]:
                 os.killpg(child.pid, 9)
                 child.wait()
                 raise SystemExit(f"a run took over {RUN_TIMEOUT_S:.0f} s: {' '.join(argv)}")
-            tree_peak = max(tree_peak, _tree_rss(child))
+            tree_peak = max(tree_peak, machine.tree_rss(child))
         ended = time.time()
     if child.returncode != 0 or not out.is_file():
         log_text = (folder / "log.txt").read_text(errors="replace")
@@ -325,22 +326,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
     return f"{commit}" + (" with uncommitted changes in gpu_pipeline/" if dirty else "")
-
-
-def _tree_rss(process: Any) -> int:
-    import psutil
-
-    total = 0
-    try:
-        members = [process, *process.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for member in members:
-        try:
-            total += member.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
 
 
 def phases(result: dict[str, Any]) -> dict[str, float]:

@@ -82,27 +82,13 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def tree_rss(process: psutil.Process) -> int:
-    total = 0
-    try:
-        members = [process, *process.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for member in members:
-        try:
-            total += member.memory_info().rss
-        except psutil.Error:
-            continue
-    return total
-
-
 def run_child(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Wall time, peak RSS and CPU seconds of one run."""
     start = time.perf_counter()
     child = psutil.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     peak, cpu = 0, 0.0
     while child.poll() is None:
-        peak = max(peak, tree_rss(child))
+        peak = max(peak, machine.tree_rss(child))
         try:
             times = child.cpu_times()
             cpu = max(cpu, times.user + times.system + times.children_user + times.children_system)

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 from importlib import metadata
+from typing import Any
 
 
 def _version(package: str) -> str:
@@ -40,6 +41,23 @@ def gpu_description() -> str:
         return out.stdout.strip() or "none"
     except (OSError, subprocess.SubprocessError):
         return "none (no nvidia-smi / no GPU)"
+
+
+def tree_rss(process: Any) -> int:
+    """Resident bytes of a ``psutil.Process`` and all its descendants (0 once it is gone)."""
+    import psutil
+
+    total = 0
+    try:
+        members = [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for member in members:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
 
 
 def describe() -> dict[str, str]:
